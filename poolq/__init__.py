@@ -1,0 +1,68 @@
+"""poolq: pools of warm, long-lived agents inside Celery workers.
+
+Example::
+
+    import poolq
+
+    poolq.call("echo", text="hi")                 # send and wait
+    handle = poolq.cast("echo", text="later")     # send, resolve later
+    handle.result(timeout=10)
+"""
+
+from .agent import Agent, operation
+from .client import Client, Handle, call, cast, default_client
+from .config import Config, PoolConfig, load_config
+from .errors import (
+    AgentCrashed,
+    AgentError,
+    AgentUnavailable,
+    BrokerNotConfigured,
+    BrokerUnavailable,
+    CallTimeout,
+    CheckoutTimeout,
+    ConfigError,
+    InvalidArguments,
+    InvalidPayload,
+    PoolqError,
+    PoolqTimeout,
+    ResultTimeout,
+    UnknownOperation,
+    UnknownPool,
+)
+from .version import VERSION
+
+__version__ = VERSION
+
+__all__ = [
+    # client
+    "call",
+    "cast",
+    "Client",
+    "Handle",
+    "default_client",
+    # agent
+    "Agent",
+    "operation",
+    # config
+    "Config",
+    "PoolConfig",
+    "load_config",
+    # errors
+    "PoolqError",
+    "ConfigError",
+    "BrokerNotConfigured",
+    "BrokerUnavailable",
+    "UnknownPool",
+    "InvalidPayload",
+    "UnknownOperation",
+    "InvalidArguments",
+    "PoolqTimeout",
+    "CheckoutTimeout",
+    "CallTimeout",
+    "ResultTimeout",
+    "AgentError",
+    "AgentCrashed",
+    "AgentUnavailable",
+    # version
+    "__version__",
+]

@@ -1,0 +1,126 @@
+"""The agent base class: the user's warm, long-lived object and its lifecycle.
+
+An agent lives inside one Celery worker process (or one worker thread with the
+``threads`` pool). poolq builds it once when the process starts and keeps it
+across calls:
+
+    setup()      once, when the process starts, before it takes any work
+    healthy()    on demand; False sends the agent to recycling
+    handle(...)  for every call without ``op``
+    <operation>  for every call with ``op="<operation>"``
+    reset()      when a lease ends, before the agent serves somebody else
+    teardown()   when the agent is recycled and when the process shuts down
+
+Example::
+
+    class Classifier(poolq.Agent):
+        def setup(self) -> None:
+            self.model = load_model(self.options["model_path"])
+
+        def handle(self, text: str) -> dict:
+            return {"label": self.model.predict(text)}
+
+        @poolq.operation
+        def batch(self, texts: list[str]) -> list[dict]:
+            return [self.handle(t) for t in texts]
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from .errors import InvalidArguments, UnknownOperation
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The operation a call without ``op`` runs.
+DEFAULT_OPERATION = "handle"
+
+_OPERATION_MARK = "__poolq_operation__"
+
+
+def operation(fn: F) -> F:
+    """Mark an agent method as a named operation callable with ``op="<name>"``."""
+    setattr(fn, _OPERATION_MARK, True)
+    return fn
+
+
+class Agent:
+    """Base class of poolq agents; every hook does nothing by default.
+
+    Attributes:
+        options: the pool's ``options`` table from the configuration.
+        pool: the name of the pool this agent serves.
+        name: the agent's identity in the registry and the logs.
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None, *, pool: str = "", name: str = "") -> None:
+        self.options: dict[str, Any] = dict(options or {})
+        self.pool = pool
+        self.name = name
+
+    def setup(self) -> None:
+        """Build the expensive state (models, clients, sessions). Runs once per agent."""
+
+    def handle(self, *args: Any, **kwargs: Any) -> Any:
+        """Serve a call made without ``op``. Must return plain JSON data."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement handle()")
+
+    def healthy(self) -> bool:
+        """Say whether the agent can take more work; False recycles it."""
+        return True
+
+    def reset(self) -> None:
+        """Forget per-caller state (runs when a lease ends)."""
+
+    def teardown(self) -> None:
+        """Release what setup() built. Runs on recycle and on shutdown."""
+
+    @classmethod
+    def operations(cls) -> dict[str, inspect.Signature]:
+        """The callable operations (``handle`` and every ``@operation``) and their signatures."""
+        return _operation_table(cls)
+
+    def bind(self, op: str | None, args: list[Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
+        """Resolve ``op`` and check the arguments against its signature.
+
+        Returns a zero-argument callable that runs the operation, so that a
+        ``TypeError`` raised inside the operation is never mistaken for a bad
+        call.
+
+        Raises:
+            UnknownOperation: the agent has no such operation.
+            InvalidArguments: the arguments do not fit its signature.
+        """
+        name = op or DEFAULT_OPERATION
+        ops = _operation_table(type(self))
+        signature = ops.get(name)
+        if signature is None:
+            known = ", ".join(sorted(ops))
+            raise UnknownOperation(f"agent {type(self).__name__} has no operation {name!r} (known: {known})")
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(f"{type(self).__name__}.{name}(): {exc}") from None
+        method = getattr(self, name)
+        return lambda: method(*args, **kwargs)
+
+
+@functools.cache
+def _operation_table(cls: type[Agent]) -> dict[str, inspect.Signature]:
+    # Signatures are computed once per class: inspect.signature is slow
+    # enough to show on the call path.
+    methods: dict[str, Callable[..., Any]] = {DEFAULT_OPERATION: cls.handle}
+    for klass in reversed(cls.__mro__):
+        for attr, value in vars(klass).items():
+            if getattr(value, _OPERATION_MARK, False):
+                methods[attr] = value
+    table = {}
+    for name, fn in methods.items():
+        signature = inspect.signature(fn)
+        # Drop ``self``: callers bind the arguments they send.
+        table[name] = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return table

@@ -1,0 +1,98 @@
+"""The Celery app: every Celery setting poolq uses, in one place.
+
+``celery -A poolq.app worker|beat|flower`` finds the app here; it is built
+from the configuration on first access, so importing this module reads no
+file.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from celery import Celery, Task
+from kombu import Queue
+
+from .config import Config, PoolConfig, load_config
+
+#: Seconds the broker waits for an ack before it redelivers a message (Redis
+#: transport). poolq's claims keep a redelivered call from running twice.
+VISIBILITY_TIMEOUT = 3600
+#: Seconds Celery waits for a new worker process beyond the pool's setup_timeout.
+PROCESS_START_MARGIN = 10.0
+
+
+def celery_settings(config: Config) -> dict[str, Any]:
+    """The Celery configuration for ``config``."""
+    queues = [Queue(pool.queue, routing_key=pool.queue) for pool in config.pools.values()]
+    return {
+        "broker_url": config.broker_url,
+        "result_backend": config.state_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        # JSON only: a pickle message is refused before any code sees it.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A call is acknowledged only once it ran; a killed process means redelivery.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_queues": queues,
+        "task_routes": {pool.task_name: {"queue": pool.queue, "routing_key": pool.queue} for pool in config.pools.values()},
+        "task_default_queue": "poolq.default",
+        "result_expires": config.project.result_expires,
+        "result_extended": True,
+        # Flower needs task events; poolq's claims replace mingle's revoke sync.
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_enable_remote_control": True,
+    }
+
+
+class PoolTask(Task):  # type: ignore[misc]
+    """The Celery task class that carries calls to one pool's agents."""
+
+    typing = False  # arguments are checked against the agent's own signature
+    acks_late = True
+    reject_on_worker_lost = True
+
+
+def _run_call(task: Task, /, *args: Any, **kwargs: Any) -> Any:
+    from .worker.runtime import run_call
+
+    return run_call(task, args, kwargs)
+
+
+def create_app(config: Config) -> Celery:
+    """A Celery app for ``config``, with one task per pool."""
+    app = Celery("poolq", set_as_current=False)
+    app.conf.update(celery_settings(config))
+    app.poolq_config = config
+    for pool in config.pools.values():
+        _register(app, pool)
+    from .worker.step import install_worker_step
+
+    install_worker_step(app)
+    return app
+
+
+def _register(app: Celery, pool: PoolConfig) -> None:
+    app.task(name=pool.task_name, base=PoolTask, bind=True, shared=False)(_run_call)
+
+
+@functools.cache
+def default_app() -> Celery:
+    """The app built from ``POOLQ_CONFIG`` and the environment (one per process)."""
+    return create_app(load_config())
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A poolq.app`` looks up ``poolq.app:app``; build it on demand.
+    if name in ("app", "celery"):
+        return default_app()
+    raise AttributeError(name)

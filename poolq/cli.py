@@ -1,0 +1,208 @@
+"""The ``poolq`` command.
+
+Each option that has an environment variable names it in its help.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+import click
+from celery import Celery
+
+from .config import Config, load_config
+from .errors import PoolqError
+from .version import VERSION
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    envvar="POOLQ_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="Pool configuration file [env: POOLQ_CONFIG; default: config/pools.toml].",
+)
+
+
+def _config(path: str | None) -> Config:
+    return load_config(path)
+
+
+def _fail(exc: PoolqError) -> NoReturn:
+    click.echo(f"poolq: {type(exc).__name__}: {exc}", err=True)
+    remote_traceback = getattr(exc, "remote_traceback", "")
+    if remote_traceback:
+        click.echo(remote_traceback.rstrip(), err=True)
+    sys.exit(1)
+
+
+class _PoolqGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PoolqError as exc:
+            _fail(exc)
+
+
+@click.group(cls=_PoolqGroup)
+@click.version_option(VERSION, prog_name="poolq")
+def main() -> None:
+    """poolq: pools of warm agents inside Celery workers."""
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+@click.option("--no-beat", is_flag=True, help="Do not start Celery beat.")
+def up(config_path: str | None, no_flower: bool, no_beat: bool) -> None:
+    """Run every pool's worker, beat and Flower in the foreground.
+
+    With no broker configured (POOLQ_BROKER_URL or [poolq] broker_url), starts
+    an embedded one on 127.0.0.1 with its files under .poolq/.
+    """
+    from . import up as stack
+
+    sys.exit(stack.run(_config(config_path), out=sys.stdout, flower=not no_flower, beat=not no_beat))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@CONFIG_OPTION
+@click.argument("pool")
+@click.option("-n", "--name", "node", help="Celery node name [default: POOL@%h].")
+@click.option("-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker node for POOL (extra arguments go to `celery worker`)."""
+    app = _app_for(config_path)
+    pool_config = app.poolq_config.pool(pool)
+    concurrency = 1 if pool_config.worker_pool == "solo" else pool_config.size
+    argv = [
+        "worker",
+        "--queues", pool_config.queue,
+        "--concurrency", str(concurrency),
+        "--pool", pool_config.worker_pool,
+        "--hostname", node or f"{pool}@%h",
+        "--loglevel", loglevel,
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+        *celery_args,
+    ]  # fmt: skip
+    app.worker_main(argv)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@CONFIG_OPTION
+@click.option("-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def beat(config_path: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Run Celery beat, which sends poolq's maintenance on schedule."""
+    app = _app_for(config_path)
+    state_dir = app.poolq_config.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    schedule = str(state_dir / "celerybeat-schedule")
+    app.start(["beat", "--schedule", schedule, "--loglevel", loglevel, *celery_args])
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@CONFIG_OPTION
+@click.option("--port", default=5555, show_default=True, envvar="POOLQ_FLOWER_PORT", help="[env: POOLQ_FLOWER_PORT]")
+@click.option("--address", default="127.0.0.1", show_default=True, envvar="POOLQ_FLOWER_ADDRESS", help="[env: POOLQ_FLOWER_ADDRESS]")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(config_path: str | None, port: int, address: str, flower_args: tuple[str, ...]) -> None:
+    """Run the Flower dashboard for this deployment."""
+    _app_for(config_path).start(["flower", f"--port={port}", f"--address={address}", *flower_args])
+
+
+def _call_options(fn: Any) -> Any:
+    for option in reversed(
+        [
+            CONFIG_OPTION,
+            click.argument("pool"),
+            click.argument("payload", required=False, default="{}"),
+            click.option("--op", help="Agent operation [default: handle]."),
+            click.option("--timeout", type=float, help="Seconds to wait for a free agent [default: the pool's]."),
+            click.option("--call-timeout", type=float, help="Seconds the agent may take [default: the pool's]."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _parse_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
+    """PAYLOAD is a JSON object (keyword arguments), a JSON array (positional ones), or - for stdin."""
+    text = sys.stdin.read() if payload == "-" else payload
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
+    if isinstance(value, dict):
+        return [], value
+    if isinstance(value, list):
+        return value, {}
+    raise click.BadParameter("give a JSON object (keyword arguments) or array (positional arguments)", param_hint="PAYLOAD")
+
+
+@main.command()
+@_call_options
+def call(
+    config_path: str | None, pool: str, payload: str, op: str | None, timeout: float | None, call_timeout: float | None
+) -> None:
+    """Call POOL with PAYLOAD (a JSON object of keyword arguments) and print the JSON result."""
+    from .client import Client
+
+    args, kwargs = _parse_payload(payload)
+    result = Client(_config(config_path)).call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
+    click.echo(json.dumps(result, ensure_ascii=False))
+
+
+@main.command()
+@_call_options
+def cast(
+    config_path: str | None, pool: str, payload: str, op: str | None, timeout: float | None, call_timeout: float | None
+) -> None:
+    """Send PAYLOAD to POOL without waiting; print the call's id (see `poolq result`)."""
+    from .client import Client
+
+    args, kwargs = _parse_payload(payload)
+    handle = Client(_config(config_path)).cast(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
+    click.echo(handle.id)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("call_id")
+@click.option("--timeout", type=float, help="Seconds to wait for the result [default: forever].")
+def result(config_path: str | None, call_id: str, timeout: float | None) -> None:
+    """Wait for the result of the cast CALL_ID and print it as JSON."""
+    from .client import Client
+
+    value = Client(_config(config_path)).handle(call_id).result(timeout=timeout)
+    click.echo(json.dumps(value, ensure_ascii=False))
+
+
+@main.command()
+@CONFIG_OPTION
+def pools(config_path: str | None) -> None:
+    """Check the configuration and list its pools."""
+    config = _config(config_path)
+    for pool in config.pools.values():
+        click.echo(
+            f"{pool.name}: {pool.agent} size={pool.size} max_overflow={pool.max_overflow} "
+            f"strategy={pool.strategy} worker_pool={pool.worker_pool} queue={pool.queue}"
+        )
+
+
+def _app_for(config_path: str | None) -> Celery:
+    """The process's app, after pointing the environment at ``config_path``.
+
+    Celery's subcommands (and spawned pool children) build the app from the
+    environment, so the path must be there, not only in this process's memory.
+    """
+    from .app import default_app
+
+    if config_path:
+        os.environ["POOLQ_CONFIG"] = config_path
+    return default_app()

@@ -1,0 +1,295 @@
+"""The client: ``call`` (send and wait) and ``cast`` (send, resolve later).
+
+The call path, top to bottom::
+
+    call(pool, *args, **kwargs)
+      -> check pool, payload                         (typed errors, nothing sent)
+      -> Celery send_task to queue poolq.<pool>      (expires = now + timeout)
+      -> BLPOP poolq:reply:<id>, up to timeout
+         -> nothing yet: try to claim the call as expired
+            -> won: CheckoutTimeout (the call will never run)
+            -> an agent has it: BLPOP up to call_timeout + grace, else CallTimeout
+      -> decode the reply: the result, or the typed error it carries
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import celery.exceptions
+import kombu.exceptions
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from . import protocol
+from .app import create_app, default_app
+from .config import Config, PoolConfig, load_config
+from .errors import (
+    AgentError,
+    BrokerUnavailable,
+    CallTimeout,
+    CheckoutTimeout,
+    InvalidPayload,
+    PoolqError,
+    ResultTimeout,
+)
+
+#: Seconds a caller waits past ``call_timeout`` for the worker's own timeout reply.
+CALL_GRACE = 2.0
+
+
+class Client:
+    """A connection to one poolq deployment (its config, broker and state Redis).
+
+    Most code uses the module functions :func:`call` and :func:`cast`, which
+    share one client built from the environment; build a ``Client`` yourself
+    to talk to another deployment.
+    """
+
+    def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
+        self.config = config or load_config()
+        self._app = app
+
+    @functools.cached_property
+    def app(self) -> Celery:
+        """The Celery app that sends this client's calls."""
+        return self._app or create_app(self.config)
+
+    @functools.cached_property
+    def state(self) -> redis.Redis:
+        """The state Redis (replies, claims, registry)."""
+        return protocol.connect(self.config.state_url)
+
+    @functools.cached_property
+    def scripts(self) -> protocol.Scripts:
+        return protocol.Scripts(self.state)
+
+    def call(
+        self,
+        pool: str,
+        *args: Any,
+        op: str | None = None,
+        timeout: float | None = None,
+        call_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``op`` (default ``handle``) on an agent of ``pool`` and return its result.
+
+        Parameters:
+            pool: a configured pool name.
+            args, kwargs: the operation's arguments (plain JSON).
+            op: the agent operation; ``None`` runs ``handle``.
+            timeout: seconds to wait for a free agent (default: the pool's).
+                A call not started by then never runs.
+            call_timeout: seconds the agent may spend on it (default: the pool's).
+
+        Raises:
+            UnknownPool, InvalidPayload: before anything is sent.
+            CheckoutTimeout: no agent took the call within ``timeout``.
+            CallTimeout: the agent did not finish within ``call_timeout``.
+            AgentError: the agent raised; ``remote_type``, ``message`` and
+                ``remote_traceback`` describe it.
+            UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed.
+        """
+        config = self.config.pool(pool)
+        timeout = config.timeout if timeout is None else _positive("timeout", timeout)
+        call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
+        task_id = self._send(config, args, kwargs, op, timeout, call_timeout, reply=True)
+        reply = self._wait_reply(task_id, timeout)
+        if reply is None:
+            if self._give_up(task_id):
+                raise CheckoutTimeout(f"no agent of pool {pool!r} took the call within {timeout:g}s; it will not run")
+            reply = self._wait_reply(task_id, call_timeout + CALL_GRACE)
+            if reply is None:
+                raise CallTimeout(f"the agent of pool {pool!r} did not finish the call within {call_timeout:g}s")
+        return protocol.decode_reply(reply)
+
+    def cast(
+        self,
+        pool: str,
+        *args: Any,
+        op: str | None = None,
+        timeout: float | None = None,
+        call_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Handle:
+        """Send a call and return at once with a :class:`Handle` on its result.
+
+        ``timeout`` (default: none) is how long the call may wait in the queue;
+        the other parameters and errors are those of :meth:`call`.
+        """
+        config = self.config.pool(pool)
+        if timeout is not None:
+            _positive("timeout", timeout)
+        call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
+        task_id = self._send(config, args, kwargs, op, timeout, call_timeout, reply=False)
+        return Handle(task_id, client=self)
+
+    def handle(self, task_id: str) -> Handle:
+        """A handle on an earlier cast, known by its id (from any process)."""
+        return Handle(task_id, client=self)
+
+    def _send(
+        self,
+        pool: PoolConfig,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        op: str | None,
+        timeout: float | None,
+        call_timeout: float,
+        reply: bool,
+    ) -> str:
+        _check_payload(pool, args, kwargs)
+        task_id = str(uuid.uuid4())
+        headers: dict[str, Any] = {protocol.HEADER_OP: op}
+        if reply:
+            headers[protocol.HEADER_REPLY] = 1
+        with _unavailable_as_typed():
+            self.app.send_task(
+                pool.task_name,
+                args=args,
+                kwargs=kwargs,
+                task_id=task_id,
+                queue=pool.queue,
+                routing_key=pool.queue,
+                expires=timeout,
+                soft_time_limit=call_timeout,
+                ignore_result=reply,
+                headers=headers,
+            )
+        return task_id
+
+    def _wait_reply(self, task_id: str, seconds: float) -> str | None:
+        with _unavailable_as_typed():
+            return protocol.pop_reply(self.state, task_id, seconds)
+
+    def _give_up(self, task_id: str) -> bool:
+        with _unavailable_as_typed():
+            return protocol.expire(self.scripts, task_id)
+
+
+class Handle:
+    """The result of a :func:`cast`, now or later, here or in another process.
+
+    Example::
+
+        handle = poolq.cast("embed", texts=["hello"])
+        later = poolq.Handle(handle.id)        # in another process
+        vectors = later.result(timeout=30)
+    """
+
+    def __init__(self, task_id: str, client: Client | None = None) -> None:
+        self.id = task_id
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"<poolq.Handle {self.id}>"
+
+    @property
+    def _async(self) -> AsyncResult:
+        return AsyncResult(self.id, app=(self._client or default_client()).app)
+
+    @property
+    def state(self) -> str:
+        """Celery's state of the call: PENDING, STARTED, SUCCESS or FAILURE."""
+        with _unavailable_as_typed():
+            return str(self._async.state)
+
+    def ready(self) -> bool:
+        """Whether the call has finished (successfully or not)."""
+        with _unavailable_as_typed():
+            return bool(self._async.ready())
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait up to ``timeout`` seconds (default: forever) and return the result.
+
+        Raises:
+            ResultTimeout: the call has not finished within ``timeout``.
+            CheckoutTimeout, CallTimeout, AgentError, ...: as :meth:`Client.call`.
+        """
+        result = self._async
+        try:
+            with _unavailable_as_typed():
+                value = result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+        except celery.exceptions.TimeoutError:
+            raise ResultTimeout(f"cast {self.id} has not finished after {timeout:g}s") from None
+        if result.successful():
+            return value
+        raise remote_error(value, result.traceback or "")
+
+
+def remote_error(exc: BaseException, remote_traceback: str) -> PoolqError:
+    """The typed poolq error for an exception Celery stored for a failed cast."""
+    if isinstance(exc, PoolqError):
+        return exc
+    if isinstance(exc, (celery.exceptions.SoftTimeLimitExceeded, celery.exceptions.TimeLimitExceeded)):
+        return CallTimeout(f"the agent did not finish the call within its time limit ({exc})")
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "celery.utils.serialization") else f"{cls.__module__}.{cls.__qualname__}"
+    message = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
+    return AgentError(name, message, remote_traceback)
+
+
+def _positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _check_payload(pool: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse arguments that are not plain JSON or exceed the pool's limit."""
+    try:
+        body = json.dumps([args, kwargs], allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(f"arguments for pool {pool.name!r} are not plain JSON: {exc}") from None
+    size = len(body.encode())
+    if size > pool.max_payload_bytes:
+        raise InvalidPayload(
+            f"arguments for pool {pool.name!r} are {size} bytes, over the limit of {pool.max_payload_bytes} "
+            "(max_payload_bytes)"
+        )
+
+
+@contextmanager
+def _unavailable_as_typed() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
+        raise BrokerUnavailable(f"cannot reach the broker or the state Redis: {exc}") from exc
+
+
+@functools.cache
+def default_client() -> Client:
+    """The client built from the environment (``POOLQ_CONFIG``, ``POOLQ_BROKER_URL``)."""
+    app = default_app()
+    return Client(app.poolq_config, app=app)
+
+
+def call(
+    pool: str,
+    *args: Any,
+    op: str | None = None,
+    timeout: float | None = None,
+    call_timeout: float | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run a call on ``pool`` and wait for its result (see :meth:`Client.call`)."""
+    return default_client().call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
+
+
+def cast(
+    pool: str,
+    *args: Any,
+    op: str | None = None,
+    timeout: float | None = None,
+    call_timeout: float | None = None,
+    **kwargs: Any,
+) -> Handle:
+    """Send a call to ``pool`` and return a :class:`Handle` at once (see :meth:`Client.cast`)."""
+    return default_client().cast(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)

@@ -1,0 +1,279 @@
+"""Pool configuration: ``config/pools.toml`` plus ``POOLQ_*`` environment variables.
+
+Loaded and validated once into typed, frozen objects shared by the client, the
+workers and beat. Any mistake becomes one :class:`ConfigError` naming the file,
+the pool and the key.
+
+Example file::
+
+    [poolq]
+    broker_url = "redis://127.0.0.1:6379/0"   # optional; POOLQ_BROKER_URL wins
+
+    [pools.echo]
+    agent = "workers.echo:Echo"
+    size = 2
+    max_overflow = 1
+
+    [pools.echo.options]
+    greeting = "hello"
+
+Environment:
+    POOLQ_CONFIG        path of the TOML file (default ``config/pools.toml``)
+    POOLQ_BROKER_URL    Celery broker URL (Redis or RabbitMQ)
+    POOLQ_STATE_URL     Redis URL for replies, claims and the registry
+                        (default: the broker URL when it is Redis)
+    POOLQ_STATE_DIR     where ``poolq up`` keeps its files (default ``.poolq``)
+    POOLQ_<POOL>__<KEY> override one scalar key of one pool, for example
+                        ``POOLQ_ECHO__SIZE=4``
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BrokerNotConfigured, ConfigError, UnknownPool
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+#: Where the configuration is looked for when ``POOLQ_CONFIG`` is not set.
+DEFAULT_CONFIG_PATH = Path("config") / "pools.toml"
+#: Where ``poolq up`` keeps the embedded broker's files and URL.
+DEFAULT_STATE_DIR = Path(".poolq")
+#: The file in the state dir through which ``poolq up`` tells clients its broker.
+BROKER_URL_FILE = "broker.url"
+
+#: Seconds a call may wait in the queue for a free agent.
+DEFAULT_TIMEOUT = 5.0
+#: Seconds an agent may spend on one call.
+DEFAULT_CALL_TIMEOUT = 60.0
+#: Seconds setup() may take; Celery's own default of 4 s would kill slow agents.
+DEFAULT_SETUP_TIMEOUT = 300.0
+#: Largest JSON payload (arguments) accepted for one call, in bytes.
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+#: Deliveries of a call that kills its worker before it fails as a poison pill.
+DEFAULT_MAX_DELIVERIES = 3
+#: Seconds a cast's result stays readable by id.
+DEFAULT_RESULT_EXPIRES = 24 * 3600
+
+_POOL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_ENV_OVERRIDE = re.compile(r"^POOLQ_([A-Z][A-Z0-9_]*?)__([A-Z][A-Z0-9_]*)$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Model):
+    """One named pool: its agent, its size and its limits."""
+
+    name: str
+    agent: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="import path module:Class")
+    size: int = Field(default=1, ge=1)
+    max_overflow: int = Field(default=0, ge=0)
+    strategy: Literal["lifo", "fifo"] = "lifo"
+    worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    call_timeout: float = Field(default=DEFAULT_CALL_TIMEOUT, gt=0)
+    setup_timeout: float = Field(default=DEFAULT_SETUP_TIMEOUT, gt=0)
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=2)
+    max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
+    requires: tuple[str, ...] = ()
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue that carries this pool's calls."""
+        return f"poolq.{self.name}"
+
+    @property
+    def task_name(self) -> str:
+        """The Celery task name of this pool's calls (what Flower lists)."""
+        return f"poolq.{self.name}"
+
+    @property
+    def concurrency(self) -> int:
+        """Agents one worker node of this pool runs at most."""
+        return self.size + self.max_overflow
+
+
+class ProjectConfig(_Model):
+    """The ``[poolq]`` table: settings shared by every pool."""
+
+    broker_url: str | None = None
+    state_url: str | None = None
+    result_expires: int = Field(default=DEFAULT_RESULT_EXPIRES, ge=1)
+
+
+class _FileModel(_Model):
+    poolq: ProjectConfig = Field(default_factory=ProjectConfig)
+    pools: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything poolq reads at start: pools, URLs and paths."""
+
+    path: Path
+    pools: Mapping[str, PoolConfig]
+    project: ProjectConfig = field(default_factory=ProjectConfig)
+    state_dir: Path = DEFAULT_STATE_DIR
+    env_broker_url: str | None = None
+    env_state_url: str | None = None
+
+    def pool(self, name: str) -> PoolConfig:
+        """The pool called ``name``.
+
+        Raises:
+            UnknownPool: no such pool is configured.
+        """
+        try:
+            return self.pools[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise UnknownPool(f"no pool named {name!r} in {self.path} (configured: {known})") from None
+
+    @property
+    def broker_url(self) -> str:
+        """The broker: environment, then file, then a running ``poolq up``.
+
+        Raises:
+            BrokerNotConfigured: none of the three gives one.
+        """
+        url = self.env_broker_url or self.project.broker_url or embedded_broker_url(self.state_dir)
+        if not url:
+            raise BrokerNotConfigured(
+                "no broker: run `poolq up` in this project directory, "
+                "or set POOLQ_BROKER_URL (for example redis://127.0.0.1:6379/0)"
+            )
+        return url
+
+    @property
+    def state_url(self) -> str:
+        """The Redis that holds replies, claims and the registry."""
+        url = self.env_state_url or self.project.state_url
+        if url:
+            return url
+        broker = self.broker_url
+        if broker.startswith(("redis://", "rediss://", "unix://")):
+            return broker
+        raise ConfigError(
+            f"{self.path}: the broker {redact(broker)} is not Redis, so poolq needs a Redis for its state: "
+            "set POOLQ_STATE_URL or [poolq] state_url"
+        )
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate the configuration.
+
+    Parameters:
+        path: the TOML file; default ``$POOLQ_CONFIG`` or ``config/pools.toml``.
+        env: the environment to read ``POOLQ_*`` from; default ``os.environ``.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or has a bad key.
+    """
+    env = os.environ if env is None else env
+    config_path = Path(path or env.get("POOLQ_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{config_path}: no such file (set POOLQ_CONFIG or create config/pools.toml)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+
+    try:
+        file_model = _FileModel.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(config_path, exc)) from None
+
+    pools_raw = {name: dict(table) for name, table in file_model.pools.items()}
+    sources = _apply_env_overrides(config_path, pools_raw, env)
+    pools: dict[str, PoolConfig] = {}
+    for name, table in pools_raw.items():
+        if not _POOL_NAME.match(name):
+            raise ConfigError(
+                f"{config_path}: pool {name!r}: a pool name is lowercase letters, digits and _, starting with a letter"
+            )
+        try:
+            pools[name] = PoolConfig.model_validate({**table, "name": name})
+        except ValidationError as exc:
+            raise ConfigError(_describe(config_path, exc, pool=name, sources=sources)) from None
+    return Config(
+        path=config_path,
+        pools=pools,
+        project=file_model.poolq,
+        state_dir=Path(env.get("POOLQ_STATE_DIR") or DEFAULT_STATE_DIR),
+        env_broker_url=env.get("POOLQ_BROKER_URL") or None,
+        env_state_url=env.get("POOLQ_STATE_URL") or None,
+    )
+
+
+def _apply_env_overrides(
+    path: Path, pools: dict[str, dict[str, Any]], env: Mapping[str, str]
+) -> dict[tuple[str, str], str]:
+    """Apply ``POOLQ_<POOL>__<KEY>`` variables; return which keys came from where."""
+    sources: dict[tuple[str, str], str] = {}
+    for var, value in env.items():
+        match = _ENV_OVERRIDE.match(var)
+        if not match:
+            continue
+        pool, key = match.group(1).lower(), match.group(2).lower()
+        if pool not in pools:
+            raise ConfigError(f"{var}: no pool named {pool!r} in {path}")
+        if key in ("name", "options", "requires"):
+            raise ConfigError(f"{var}: key {key!r} cannot be set from the environment")
+        pools[pool][key] = value
+        sources[(pool, key)] = var
+    return sources
+
+
+def _describe(
+    path: Path, exc: ValidationError, pool: str | None = None, sources: Mapping[tuple[str, str], str] | None = None
+) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        where = [str(path)]
+        if pool is not None:
+            where.append(f"pool {pool!r}")
+        elif loc[:1] == ["pools"] and len(loc) > 1:
+            where.append(f"pool {loc[1]!r}")
+            loc = loc[2:]
+        key = ".".join(loc) or "(table)"
+        where.append(f"key {key!r}")
+        origin = (sources or {}).get((pool or "", loc[0] if loc else ""))
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] == "missing":
+            message = "required key is missing"
+        if origin:
+            message += f" (from {origin}={error.get('input')!r})"
+        elif "input" in error and error["type"] not in ("missing", "extra_forbidden"):
+            message += f" (got {error['input']!r})"
+        lines.append(", ".join(where) + ": " + message)
+    return "\n".join(lines)
+
+
+def embedded_broker_url(state_dir: Path) -> str | None:
+    """The URL a running ``poolq up`` wrote for its embedded broker, if any."""
+    try:
+        return (state_dir / BROKER_URL_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1***@", url)

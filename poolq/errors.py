@@ -1,0 +1,84 @@
+"""Every public poolq error, under one root.
+
+Remote failures keep the remote type name and traceback as data (strings),
+never as a pickled exception object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PoolqError(Exception):
+    """Base class of every error poolq raises."""
+
+
+class ConfigError(PoolqError):
+    """The pool configuration (file or environment) is invalid."""
+
+
+class BrokerNotConfigured(PoolqError):
+    """No broker URL is set and no `poolq up` runs in this project."""
+
+
+class BrokerUnavailable(PoolqError):
+    """The broker or the state Redis cannot be reached."""
+
+
+class UnknownPool(PoolqError):
+    """The named pool is not declared in the configuration."""
+
+
+class InvalidPayload(PoolqError):
+    """Arguments are not plain JSON or exceed the pool's size limit."""
+
+
+class UnknownOperation(PoolqError):
+    """The agent has no operation of that name."""
+
+
+class InvalidArguments(PoolqError):
+    """The arguments do not fit the operation's signature."""
+
+
+class PoolqTimeout(PoolqError, TimeoutError):
+    """Base class of poolq's timeouts (also a builtin ``TimeoutError``)."""
+
+
+class CheckoutTimeout(PoolqTimeout):
+    """No agent took the call within ``timeout``; the call will never run."""
+
+
+class CallTimeout(PoolqTimeout):
+    """The agent started the call but did not finish within ``call_timeout``."""
+
+
+class ResultTimeout(PoolqTimeout):
+    """A cast's result was not ready within the wait given to ``Handle.result``."""
+
+
+class AgentError(PoolqError):
+    """The agent raised while handling the call.
+
+    Attributes:
+        remote_type: dotted name of the exception class in the worker.
+        message: ``str()`` of the remote exception.
+        remote_traceback: the formatted remote traceback.
+    """
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.remote_type, self.message, self.remote_traceback))
+
+
+class AgentCrashed(AgentError):
+    """The call killed its worker process more times than ``max_deliveries`` allows."""
+
+
+class AgentUnavailable(PoolqError):
+    """The agent could not be set up, so the call was not run."""

@@ -1,0 +1,240 @@
+"""What crosses Redis between a poolq client and a poolq worker, besides the task.
+
+Celery carries the task message (broker queue ``poolq.<pool>``, acks late).
+Around it poolq keeps two small records in its state Redis:
+
+**The claim** (``poolq:claim:<task id>``, a hash: owner, attempts). Before an
+agent runs a call, its worker claims the task atomically; a client whose
+``timeout`` ran out claims it as ``expired``. Whoever claims first decides,
+so a call that raised :class:`~poolq.errors.CheckoutTimeout` can never run
+later, whatever the clocks say. The same record makes redeliveries safe: a
+copy redelivered while its first run is alive is skipped (Redis visibility
+timeout), a copy whose runner died is taken over (kill -9 mid-task), and a
+copy that killed ``max_deliveries`` runners fails as a poison pill.
+
+**The reply** (``poolq:reply:<task id>``, a list): the worker pushes one JSON
+document and the client ``BLPOP``\\ s it. This replaces Celery's result
+backend for ``call``: no SUBSCRIBE/UNSUBSCRIBE per call and no stored result.
+``cast`` keeps Celery's result backend, so its result can be read by id from
+any process.
+
+The agent's registry record is updated inside the same round trips (claim:
+busy; done: idle), so the registry costs the call path nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from . import errors
+
+#: Celery message headers poolq adds to a call.
+HEADER_OP = "poolq_op"
+HEADER_REPLY = "poolq_reply"
+
+#: Seconds a state Redis socket may stay silent before the client gives up on it.
+SOCKET_TIMEOUT = 10.0
+#: Longest single BLPOP, kept below SOCKET_TIMEOUT.
+BLOCK_SLICE = 8.0
+#: Seconds an unread reply is kept (the caller may have given up).
+REPLY_TTL = 300
+#: Seconds a claim outlives its task; must exceed the broker's visibility
+#: timeout so a late redelivery still finds it.
+CLAIM_TTL = 2 * 3600
+
+EXPIRED = "expired"
+DONE = "done"
+
+_ERROR_KINDS: dict[str, type[errors.PoolqError]] = {
+    "unknown_operation": errors.UnknownOperation,
+    "invalid_arguments": errors.InvalidArguments,
+    "call_timeout": errors.CallTimeout,
+    "checkout_timeout": errors.CheckoutTimeout,
+    "unavailable": errors.AgentUnavailable,
+    "invalid_payload": errors.InvalidPayload,
+}
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for the state Redis; it decodes replies to ``str``."""
+    return redis.Redis.from_url(
+        url, decode_responses=True, health_check_interval=30, socket_timeout=SOCKET_TIMEOUT, socket_keepalive=True
+    )
+
+
+def pop_reply(client: redis.Redis, task_id: str, seconds: float) -> str | None:
+    """Wait up to ``seconds`` for the reply to ``task_id``; None if none came.
+
+    A BLPOP blocks no longer than :data:`BLOCK_SLICE` at a time, so a dead
+    server shows up as an error within the socket timeout instead of a hang.
+    """
+    key = reply_key(task_id)
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        popped = client.blpop([key], timeout=min(left, BLOCK_SLICE))
+        if popped is not None:
+            return str(popped[1])
+
+
+def reply_key(task_id: str) -> str:
+    return f"poolq:reply:{task_id}"
+
+
+def claim_key(task_id: str) -> str:
+    return f"poolq:claim:{task_id}"
+
+
+def agent_key(agent_id: str) -> str:
+    return f"poolq:agent:{agent_id}"
+
+
+# KEYS: claim, agent.  ARGV: owner, claim ttl, now, task id.
+# Returns {"run", attempts} when this owner got the claim, else {owner, attempts}.
+_CLAIM = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'attempts', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('HSET', KEYS[2], 'state', 'busy', 'last_used_at', ARGV[3], 'task', ARGV[4])
+  end
+  return {'run', 1}
+end
+return {owner, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
+"""
+
+# KEYS: claim, agent.  ARGV: new owner, dead owner, claim ttl, now, task id.
+# Returns the new attempt count, or -1 when somebody else changed the claim.
+_TAKEOVER = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return -1 end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'state', 'busy', 'last_used_at', ARGV[4], 'task', ARGV[5])
+end
+return attempts
+"""
+
+# KEYS: reply, claim, agent.  ARGV: reply ('' for none), reply ttl, claim ttl,
+# now, requests.  The agent record is only touched while its heartbeat lives,
+# so a late finish cannot resurrect a record without a TTL.
+_FINISH = """
+if ARGV[1] ~= '' then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'owner', 'done')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'state', 'idle', 'last_used_at', ARGV[4], 'requests', ARGV[5], 'task', '')
+end
+return 1
+"""
+
+# KEYS: claim.  ARGV: claim ttl.  Returns 1 when the caller's expiry won.
+_EXPIRE = """
+if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a worker's claim on a task."""
+
+    run: bool
+    owner: str = ""
+    attempts: int = 1
+
+
+class Scripts:
+    """The Lua scripts above, registered once per Redis client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.claim = client.register_script(_CLAIM)
+        self.takeover = client.register_script(_TAKEOVER)
+        self.expire = client.register_script(_EXPIRE)
+        self.finish = client.register_script(_FINISH)
+
+
+def claim(scripts: Scripts, task_id: str, owner: str, agent_id: str, now: float) -> Claim:
+    """Claim ``task_id`` for ``owner``; say who holds it otherwise."""
+    verdict, attempts = scripts.claim(
+        keys=[claim_key(task_id), agent_key(agent_id)], args=[owner, CLAIM_TTL, now, task_id]
+    )
+    if verdict == "run":
+        return Claim(run=True, owner=owner, attempts=int(attempts))
+    return Claim(run=False, owner=verdict, attempts=int(attempts))
+
+
+def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent_id: str, now: float) -> int:
+    """Take the claim of a dead runner; the new attempt count, or -1 if it moved."""
+    return int(
+        scripts.takeover(
+            keys=[claim_key(task_id), agent_key(agent_id)],
+            args=[owner, dead_owner, CLAIM_TTL, now, task_id],
+        )
+    )
+
+
+def expire(scripts: Scripts, task_id: str) -> bool:
+    """Mark a call as given up by its caller; True when no agent had started it."""
+    return bool(scripts.expire(keys=[claim_key(task_id)], args=[CLAIM_TTL]))
+
+
+def finish(
+    scripts: Scripts, task_id: str, reply: str | None, agent_id: str, requests_done: int, now: float
+) -> None:
+    """In one round trip: push the reply, close the claim, set the agent idle."""
+    scripts.finish(
+        keys=[reply_key(task_id), claim_key(task_id), agent_key(agent_id)],
+        args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done],
+    )
+
+
+def encode_result(result: Any) -> str:
+    """The reply for a successful call. Raises TypeError/ValueError if not plain JSON."""
+    return json.dumps({"ok": result}, allow_nan=False, separators=(",", ":"))
+
+
+def encode_error(kind: str, exc: BaseException, remote_traceback: str | None = None) -> str:
+    """The reply for a failed call, with the remote type and traceback as text."""
+    remote_type = type(exc).__qualname__
+    module = type(exc).__module__
+    if module not in ("builtins", "__main__"):
+        remote_type = f"{module}.{remote_type}"
+    if remote_traceback is None:
+        remote_traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    error = {"kind": kind, "type": remote_type, "message": str(exc), "traceback": remote_traceback}
+    return json.dumps({"error": error}, separators=(",", ":"))
+
+
+def decode_reply(raw: str) -> Any:
+    """The result in a reply, or the typed error it carries, raised."""
+    document = json.loads(raw)
+    if "ok" in document:
+        return document["ok"]
+    raise error_from(document["error"])
+
+
+def error_from(error: dict[str, str]) -> errors.PoolqError:
+    """The client-side exception for a reply's error document."""
+    cls = _ERROR_KINDS.get(error["kind"])
+    if cls is not None:
+        return cls(error["message"])
+    if error["kind"] == "crashed":
+        return errors.AgentCrashed(error["type"], error["message"], error.get("traceback", ""))
+    return errors.AgentError(error["type"], error["message"], error.get("traceback", ""))

@@ -1,0 +1,3 @@
+"""The one place poolq's version is written."""
+
+VERSION = "0.1.0"

@@ -1,0 +1,69 @@
+"""Agents for poolq's own tests: each records what happened to it in Redis.
+
+``options.redis_url`` says where; the records live under ``test:<pool>:``:
+``events`` (setup/teardown/reset lines with pid and agent name) and ``ran``
+(the markers of the calls that actually ran).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+import poolq
+
+
+class Probe(poolq.Agent):
+    """A configurable agent for lifecycle, timeout and error tests.
+
+    Options:
+        redis_url: where to record events (required).
+        setup_seconds: how long setup() sleeps (default 0).
+    """
+
+    def setup(self) -> None:
+        self.redis = redis.Redis.from_url(self.options["redis_url"], decode_responses=True)
+        self.key = f"test:{self.pool}"
+        time.sleep(float(self.options.get("setup_seconds", 0)))
+        self.redis.rpush(f"{self.key}:events", f"setup {os.getpid()} {self.name}")
+        self.calls = 0
+
+    def handle(self, marker: str | None = None, sleep: float = 0.0) -> dict[str, Any]:
+        self.calls += 1
+        if marker is not None:
+            self.redis.rpush(f"{self.key}:ran", marker)
+        time.sleep(sleep)
+        return {"pid": os.getpid(), "agent": self.name, "marker": marker, "calls": self.calls}
+
+    @poolq.operation
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    @poolq.operation
+    def bad_result(self) -> Any:
+        return {1, 2, 3}
+
+    @poolq.operation
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def teardown(self) -> None:
+        self.redis.rpush(f"{self.key}:events", f"teardown {os.getpid()} {self.name}")
+
+
+def events(redis_client: redis.Redis, pool: str, kind: str | None = None) -> list[list[str]]:
+    """The recorded events of ``pool`` as [kind, pid, agent] lists."""
+    rows = [line.split(" ", 2) for line in redis_client.lrange(f"test:{pool}:events", 0, -1)]
+    return [row for row in rows if kind is None or row[0] == kind]
+
+
+def ran(redis_client: redis.Redis, pool: str) -> list[str]:
+    """The markers of the calls of ``pool`` that ran."""
+    return list(redis_client.lrange(f"test:{pool}:ran", 0, -1))
+
+
+def clear(redis_client: redis.Redis, pool: str) -> None:
+    redis_client.delete(f"test:{pool}:events", f"test:{pool}:ran")

@@ -1,0 +1,59 @@
+"""F8: cast returns a handle whose result can be read later, by id, from another process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from poolq import AgentError, Handle, ResultTimeout
+from poolq.testing import PoolFactory, RunningPool
+
+
+@pytest.fixture(scope="module")
+def pool(module_pools: PoolFactory, poolq_broker: str) -> Iterator[RunningPool]:
+    yield module_pools.start("casts", "tests.agents:Probe", size=2, options={"redis_url": poolq_broker})
+
+
+def test_cast_returns_at_once_and_the_handle_resolves(pool: RunningPool) -> None:
+    handle = pool.client.cast("casts", 20, 22, op="add")
+    assert isinstance(handle, Handle)
+    assert handle.result(timeout=10) == 42
+    assert handle.ready()
+    assert handle.state == "SUCCESS"
+
+
+def test_handle_resolved_by_id_from_another_process(pool: RunningPool) -> None:
+    handle = pool.client.cast("casts", marker="from-afar")
+    script = (
+        "import json, sys, poolq\n"
+        "client = poolq.Client(poolq.load_config(sys.argv[1], env={'POOLQ_BROKER_URL': sys.argv[2]}))\n"
+        "print(json.dumps(client.handle(sys.argv[3]).result(timeout=10)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(pool.config.path), pool.config.broker_url, handle.id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout)["marker"] == "from-afar"
+
+
+def test_failed_cast_raises_agent_error(pool: RunningPool) -> None:
+    handle = pool.client.cast("casts", "bad", op="fail")
+    with pytest.raises(AgentError) as caught:
+        handle.result(timeout=10)
+    assert caught.value.remote_type == "ValueError"
+    assert caught.value.message == "bad"
+    assert "raise ValueError(message)" in caught.value.remote_traceback
+
+
+def test_waiting_for_an_unfinished_cast_times_out(pool: RunningPool) -> None:
+    handle = pool.client.cast("casts", sleep=2.0)
+    with pytest.raises(ResultTimeout):
+        handle.result(timeout=0.2)
+    assert handle.result(timeout=10)["calls"] >= 1

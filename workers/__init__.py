@@ -1,0 +1,1 @@
+"""Example agents a poolq user would deploy (declared in config/pools.toml)."""
