@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -109,10 +108,19 @@ class Agent:
         return lambda: method(*args, **kwargs)
 
 
-@functools.cache
+_TABLES: dict[type[Agent], dict[str, inspect.Signature]] = {}
+
+
 def _operation_table(cls: type[Agent]) -> dict[str, inspect.Signature]:
     # Signatures are computed once per class: inspect.signature is slow
     # enough to show on the call path.
+    table = _TABLES.get(cls)
+    if table is None:
+        table = _TABLES[cls] = _build_operation_table(cls)
+    return table
+
+
+def _build_operation_table(cls: type[Agent]) -> dict[str, inspect.Signature]:
     methods: dict[str, Callable[..., Any]] = {DEFAULT_OPERATION: cls.handle}
     for klass in reversed(cls.__mro__):
         for attr, value in vars(klass).items():

@@ -11,7 +11,7 @@ import functools
 from typing import Any
 
 from celery import Celery, Task
-from kombu import Queue
+from kombu.entity import Queue
 
 from .config import Config, PoolConfig, load_config
 
@@ -43,7 +43,9 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_queues": queues,
-        "task_routes": {pool.task_name: {"queue": pool.queue, "routing_key": pool.queue} for pool in config.pools.values()},
+        "task_routes": {
+            pool.task_name: {"queue": pool.queue, "routing_key": pool.queue} for pool in config.pools.values()
+        },
         "task_default_queue": "poolq.default",
         "result_expires": config.project.result_expires,
         "result_extended": True,

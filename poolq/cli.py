@@ -71,7 +71,9 @@ def up(config_path: str | None, no_flower: bool, no_beat: bool) -> None:
 @CONFIG_OPTION
 @click.argument("pool")
 @click.option("-n", "--name", "node", help="Celery node name [default: POOL@%h].")
-@click.option("-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]")
+@click.option(
+    "-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]"
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker node for POOL (extra arguments go to `celery worker`)."""
@@ -95,7 +97,9 @@ def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @CONFIG_OPTION
-@click.option("-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]")
+@click.option(
+    "-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]"
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def beat(config_path: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run Celery beat, which sends poolq's maintenance on schedule."""
@@ -109,7 +113,13 @@ def beat(config_path: str | None, loglevel: str, celery_args: tuple[str, ...]) -
 @main.command(context_settings={"ignore_unknown_options": True})
 @CONFIG_OPTION
 @click.option("--port", default=5555, show_default=True, envvar="POOLQ_FLOWER_PORT", help="[env: POOLQ_FLOWER_PORT]")
-@click.option("--address", default="127.0.0.1", show_default=True, envvar="POOLQ_FLOWER_ADDRESS", help="[env: POOLQ_FLOWER_ADDRESS]")
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="POOLQ_FLOWER_ADDRESS",
+    help="[env: POOLQ_FLOWER_ADDRESS]",
+)
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(config_path: str | None, port: int, address: str, flower_args: tuple[str, ...]) -> None:
     """Run the Flower dashboard for this deployment."""
@@ -142,7 +152,9 @@ def _parse_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
         return [], value
     if isinstance(value, list):
         return value, {}
-    raise click.BadParameter("give a JSON object (keyword arguments) or array (positional arguments)", param_hint="PAYLOAD")
+    raise click.BadParameter(
+        "give a JSON object (keyword arguments) or array (positional arguments)", param_hint="PAYLOAD"
+    )
 
 
 @main.command()

@@ -231,7 +231,11 @@ def remote_error(exc: BaseException, remote_traceback: str) -> PoolqError:
     if isinstance(exc, (celery.exceptions.SoftTimeLimitExceeded, celery.exceptions.TimeLimitExceeded)):
         return CallTimeout(f"the agent did not finish the call within its time limit ({exc})")
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ in ("builtins", "celery.utils.serialization") else f"{cls.__module__}.{cls.__qualname__}"
+    name = (
+        cls.__qualname__
+        if cls.__module__ in ("builtins", "celery.utils.serialization")
+        else f"{cls.__module__}.{cls.__qualname__}"
+    )
     message = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
     return AgentError(name, message, remote_traceback)
 

@@ -188,9 +188,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     try:
         raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(
-            f"{config_path}: no such file (set POOLQ_CONFIG or create config/pools.toml)"
-        ) from None
+        raise ConfigError(f"{config_path}: no such file (set POOLQ_CONFIG or create config/pools.toml)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
 

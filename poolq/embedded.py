@@ -142,7 +142,7 @@ class EmbeddedRedis:
         ]  # fmt: skip
 
     def _wait_ready(self) -> bool:
-        assert self.process is not None
+        assert self.process is not None and self.port is not None
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
         deadline = time.monotonic() + START_TIMEOUT
         try:

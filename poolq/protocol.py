@@ -195,9 +195,7 @@ def expire(scripts: Scripts, task_id: str) -> bool:
     return bool(scripts.expire(keys=[claim_key(task_id)], args=[CLAIM_TTL]))
 
 
-def finish(
-    scripts: Scripts, task_id: str, reply: str | None, agent_id: str, requests_done: int, now: float
-) -> None:
+def finish(scripts: Scripts, task_id: str, reply: str | None, agent_id: str, requests_done: int, now: float) -> None:
     """In one round trip: push the reply, close the claim, set the agent idle."""
     scripts.finish(
         keys=[reply_key(task_id), claim_key(task_id), agent_key(agent_id)],

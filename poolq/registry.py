@@ -123,7 +123,9 @@ class Heartbeat:
     (for example after the state Redis restarted).
     """
 
-    def __init__(self, client: redis.Redis, keys: Callable[[], Iterable[str]], republish: Callable[[str], None]) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Callable[[], Iterable[str]], republish: Callable[[str], None]
+    ) -> None:
         self._client = client
         self._keys = keys
         self._republish = republish
@@ -143,7 +145,7 @@ class Heartbeat:
                 pipe = self._client.pipeline(transaction=False)
                 for key in keys:
                     pipe.expire(key, int(HEARTBEAT_TTL))
-                for key, alive in zip(keys, pipe.execute()):
+                for key, alive in zip(keys, pipe.execute(), strict=True):
                     if not alive:
                         self._republish(key)
             except redis.RedisError:

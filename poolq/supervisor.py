@@ -143,4 +143,3 @@ class Supervisor:
             self.log("poolq", f"{service.name} exited with code {code}; restarting in {delay:g}s")
             service.restart_at = now + delay
         return True
-

@@ -89,7 +89,9 @@ class RunningPool:
         while not condition():
             for worker in self.workers:
                 if worker.process.poll() is not None:
-                    raise RuntimeError(f"worker {worker.node} exited ({worker.process.returncode}):\n{worker.log()[-4000:]}")
+                    raise RuntimeError(
+                        f"worker {worker.node} exited ({worker.process.returncode}):\n{worker.log()[-4000:]}"
+                    )
             if time.monotonic() > deadline:
                 logs = "\n".join(w.log()[-3000:] for w in self.workers)
                 raise TimeoutError(f"pool {self.name}: {what} not reached in {timeout:g}s\n{logs}")
@@ -102,10 +104,9 @@ class RunningPool:
             nodes = registry.read_nodes(self.client.state, self.name)
             settled = [a for a in self.agents() if a.get("state") in ("idle", "failed")]
             mine = {w.node for w in self.workers}
-            return (
-                sum(1 for n in nodes if n["id"] in mine and n.get("state") == "ready") == len(self.workers)
-                and len(settled) >= self.size * len(self.workers)
-            )
+            return sum(1 for n in nodes if n["id"] in mine and n.get("state") == "ready") == len(self.workers) and len(
+                settled
+            ) >= self.size * len(self.workers)
 
         self.wait_for(ready, timeout, what=f"{self.size * len(self.workers)} ready agents")
 

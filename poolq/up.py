@@ -105,7 +105,7 @@ def _banner(supervisor: Supervisor, config: Config, url: str, embedded: bool, st
             supervisor.log("poolq", f"pool {pool.name}: {pool.size} agent(s) of {pool.agent}")
     if stack.flower_port:
         supervisor.log("poolq", f"flower http://127.0.0.1:{stack.flower_port}")
-    supervisor.log("poolq", "send work with: poolq call POOL '{\"key\": \"value\"}'   (Ctrl-C stops everything)")
+    supervisor.log("poolq", 'send work with: poolq call POOL \'{"key": "value"}\'   (Ctrl-C stops everything)')
 
 
 def _claim_directory(state_dir: Path) -> None:

@@ -22,12 +22,16 @@ class Probe(poolq.Agent):
     Options:
         redis_url: where to record events (required).
         setup_seconds: how long setup() sleeps (default 0).
+        fail_setup: setup() raises (default false).
     """
 
     def setup(self) -> None:
         self.redis = redis.Redis.from_url(self.options["redis_url"], decode_responses=True)
         self.key = f"test:{self.pool}"
         time.sleep(float(self.options.get("setup_seconds", 0)))
+        if self.options.get("fail_setup"):
+            self.redis.rpush(f"{self.key}:events", f"setup_failed {os.getpid()} {self.name}")
+            raise RuntimeError("setup failed on purpose")
         self.redis.rpush(f"{self.key}:events", f"setup {os.getpid()} {self.name}")
         self.calls = 0
 
@@ -39,8 +43,12 @@ class Probe(poolq.Agent):
         return {"pid": os.getpid(), "agent": self.name, "marker": marker, "calls": self.calls}
 
     @poolq.operation
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, break_agent: bool = False) -> None:
+        self.broken = break_agent
         raise ValueError(message)
+
+    def healthy(self) -> bool:
+        return not getattr(self, "broken", False)
 
     @poolq.operation
     def bad_result(self) -> Any:

@@ -43,14 +43,19 @@ class Embedder(poolq.Agent):
     def similarity(self, a: str, b: str) -> float:
         """Cosine similarity of two texts, in [-1, 1]."""
         va, vb = self.handle([a, b])
-        return sum(x * y for x, y in zip(va, vb)) / (math.sqrt(sum(x * x for x in va)) * math.sqrt(sum(y * y for y in vb)))
+        return sum(x * y for x, y in zip(va, vb, strict=True)) / (
+            math.sqrt(sum(x * x for x in va)) * math.sqrt(sum(y * y for y in vb))
+        )
 
     @poolq.operation
     def rank(self, query: str, documents: list[str]) -> list[dict[str, Any]]:
         """The documents ordered by similarity to the query, best first."""
         vectors = self.handle([query, *documents])
         q = vectors[0]
-        scored = [{"document": d, "score": sum(x * y for x, y in zip(q, v))} for d, v in zip(documents, vectors[1:])]
+        scored = [
+            {"document": d, "score": sum(x * y for x, y in zip(q, v, strict=True))}
+            for d, v in zip(documents, vectors[1:], strict=True)
+        ]
         return sorted(scored, key=lambda item: item["score"], reverse=True)
 
     def healthy(self) -> bool:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import redis
 
 from .. import registry
-from ..protocol import agent_key
 from ..agent import Agent
 from ..config import PoolConfig
 from ..errors import AgentUnavailable, ConfigError
+from ..protocol import agent_key
 
 logger = logging.getLogger("poolq.worker")
 
@@ -167,6 +167,16 @@ class AgentHost:
             slot.retry_delay = SETUP_RETRY_MIN
             logger.info("agent %s ready in %.2fs", slot.agent_id, time.monotonic() - started)
         self._publish(slot)
+
+    def healthy(self, slot: AgentSlot) -> bool:
+        """Ask the slot's agent whether it can take more work (a raising check says no)."""
+        if slot.agent is None:
+            return False
+        try:
+            return bool(slot.agent.healthy())
+        except Exception:
+            logger.exception("health check of agent %s raised", slot.agent_id)
+            return False
 
     def ensure_ready(self, slot: AgentSlot) -> Agent:
         """The slot's agent, set up again if its last setup failed long enough ago.

@@ -118,9 +118,9 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call, deadline: float | None
         # Celery checks expiry on receipt, but a prefork job can wait in the
         # parent's buffer past it; the claim makes the verdict final.
         if protocol.expire(runtime.scripts, call.task_id):
-            exc = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
-            _fail(runtime, slot, call, "checkout_timeout", exc)
-            raise exc
+            expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
+            _fail(runtime, slot, call, "checkout_timeout", expired)
+            raise expired
         return False
     now = time.time()
     claim = protocol.claim(runtime.scripts, call.task_id, slot.agent_id, slot.agent_id, now)
@@ -170,6 +170,9 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         raise timeout from None
     except Exception as exc:
         _fail(runtime, slot, call, "agent", exc, with_traceback=True)
+        # An agent that raised stays in service unless its health says otherwise.
+        if not runtime.host.healthy(slot):
+            runtime.host.recycle(slot, f"unhealthy after {type(exc).__name__}")
         raise
     try:
         reply = protocol.encode_result(result)

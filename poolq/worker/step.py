@@ -27,9 +27,10 @@ import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-from ..app import PROCESS_START_MARGIN
-from ..config import Config, ConfigError, PoolConfig
 from .. import protocol, registry
+from ..app import PROCESS_START_MARGIN
+from ..config import Config, PoolConfig
+from ..errors import ConfigError
 from . import runtime
 from .host import load_agent_class
 
@@ -70,7 +71,10 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         pool_type = _pool_type(worker.pool_cls)
         if pool_type not in SUPPORTED_POOLS:
-            raise ConfigError(f"pool {pool.name!r}: poolq supports the {', '.join(SUPPORTED_POOLS)} execution pools, not {pool_type!r}")
+            raise ConfigError(
+                f"pool {pool.name!r}: poolq supports the {', '.join(SUPPORTED_POOLS)} execution pools, "
+                f"not {pool_type!r}"
+            )
         # Fail here, in the main process, on an agent that cannot be imported,
         # instead of in every child (which Celery would respawn forever).
         load_agent_class(pool)

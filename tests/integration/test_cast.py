@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -57,3 +58,24 @@ def test_waiting_for_an_unfinished_cast_times_out(pool: RunningPool) -> None:
     with pytest.raises(ResultTimeout):
         handle.result(timeout=0.2)
     assert handle.result(timeout=10)["calls"] >= 1
+
+
+def test_cli_cast_then_result_by_id(pool: RunningPool) -> None:
+    env = {**os.environ, "POOLQ_CONFIG": str(pool.config.path), "POOLQ_BROKER_URL": pool.config.broker_url}
+    cast = subprocess.run(
+        [sys.executable, "-m", "poolq", "cast", "casts", "[40, 2]", "--op", "add"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    call_id = cast.stdout.strip()
+    result = subprocess.run(
+        [sys.executable, "-m", "poolq", "result", call_id, "--timeout", "10"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert json.loads(result.stdout) == 42
+    failed = subprocess.run(
+        [sys.executable, "-m", "poolq", "call", "casts", '["oops"]', "--op", "fail"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert failed.returncode == 1
+    assert "AgentError: ValueError: oops" in failed.stderr
+    assert "raise ValueError(message)" in failed.stderr  # the remote traceback

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from poolq import AgentError, InvalidArguments, InvalidPayload, UnknownOperation, UnknownPool
 from poolq.testing import PoolFactory, RunningPool
+from tests.agents import clear, events
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,22 @@ def test_agent_exception_reaches_the_caller_with_type_message_and_traceback(pool
     assert caught.value.message == "boom"
     assert "in fail" in caught.value.remote_traceback
     assert "raise ValueError(message)" in caught.value.remote_traceback
+
+
+def test_an_agent_that_raised_stays_unless_unhealthy(pool: RunningPool, state: redis.Redis) -> None:
+    clear(state, "errors")
+    # A failure that leaves the agent healthy: the same agent serves on
+    before = pool.client.call("errors")["calls"]
+    with pytest.raises(AgentError):
+        pool.client.call("errors", "still fine", op="fail")
+    assert pool.client.call("errors")["calls"] == before + 1
+    assert events(state, "errors") == []
+    # A failure after which healthy() says no: the agent is replaced
+    with pytest.raises(AgentError):
+        pool.client.call("errors", "broken now", op="fail", break_agent=True)
+    pool.wait_for(lambda: len(events(state, "errors")) == 2, timeout=10, what="agent replaced")
+    assert [kind for kind, _, _ in events(state, "errors")] == ["teardown", "setup"]
+    assert pool.client.call("errors")["calls"] == 1
 
 
 def test_unknown_operation(pool: RunningPool) -> None:

@@ -28,7 +28,7 @@ def test_setup_runs_once_per_process_across_1000_calls(
     # When it serves 1,000 calls
     latencies = []
     pids = set()
-    for i in range(CALLS):
+    for _ in range(CALLS):
         t0 = time.perf_counter()
         answer = pool.client.call("warm", marker=None)
         latencies.append(time.perf_counter() - t0)
