@@ -149,7 +149,7 @@ class Client:
         task_id = str(uuid.uuid4())
         headers: dict[str, Any] = {protocol.HEADER_OP: op}
         if reply:
-            headers[protocol.HEADER_REPLY] = 1
+            headers[protocol.HEADER_REPLY] = protocol.reply_key(task_id)
         with _unavailable_as_typed():
             self.app.send_task(
                 pool.task_name,

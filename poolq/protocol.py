@@ -34,7 +34,8 @@ import redis
 
 from . import errors
 
-#: Celery message headers poolq adds to a call.
+#: Celery message headers poolq adds to a call: the operation, and the Redis
+#: list the reply goes to (none for a cast).
 HEADER_OP = "poolq_op"
 HEADER_REPLY = "poolq_reply"
 
@@ -125,9 +126,10 @@ end
 return attempts
 """
 
-# KEYS: reply, claim, agent.  ARGV: reply ('' for none), reply ttl, claim ttl,
-# now, requests.  The agent record is only touched while its heartbeat lives,
-# so a late finish cannot resurrect a record without a TTL.
+# KEYS: reply, claim, agent, pool stats.  ARGV: reply ('' for none), reply
+# ttl, claim ttl, now, agent requests, 1 if the operation ran.  The agent
+# record is only touched while its heartbeat lives, so a late finish cannot
+# resurrect a record without a TTL.
 _FINISH = """
 if ARGV[1] ~= '' then
   redis.call('RPUSH', KEYS[1], ARGV[1])
@@ -137,6 +139,9 @@ redis.call('HSET', KEYS[2], 'owner', 'done')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'state', 'idle', 'last_used_at', ARGV[4], 'requests', ARGV[5], 'task', '')
+end
+if ARGV[6] == '1' then
+  redis.call('HINCRBY', KEYS[4], 'requests', 1)
 end
 return 1
 """
@@ -195,20 +200,30 @@ def expire(scripts: Scripts, task_id: str) -> bool:
     return bool(scripts.expire(keys=[claim_key(task_id)], args=[CLAIM_TTL]))
 
 
-def finish(scripts: Scripts, task_id: str, reply: str | None, agent_id: str, requests_done: int, now: float) -> None:
-    """In one round trip: push the reply, close the claim, set the agent idle."""
+def finish(
+    scripts: Scripts,
+    task_id: str,
+    reply: str | None,
+    reply_to: str,
+    agent_id: str,
+    stats_key: str,
+    requests_done: int,
+    ran: bool,
+    now: float,
+) -> None:
+    """In one round trip: push the reply, close the claim, set the agent idle, count the call."""
     scripts.finish(
-        keys=[reply_key(task_id), claim_key(task_id), agent_key(agent_id)],
-        args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done],
+        keys=[reply_to or reply_key(task_id), claim_key(task_id), agent_key(agent_id), stats_key],
+        args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran)],
     )
 
 
-def encode_result(result: Any) -> str:
+def encode_result(task_id: str, result: Any) -> str:
     """The reply for a successful call. Raises TypeError/ValueError if not plain JSON."""
-    return json.dumps({"ok": result}, allow_nan=False, separators=(",", ":"))
+    return json.dumps({"id": task_id, "ok": result}, allow_nan=False, separators=(",", ":"))
 
 
-def encode_error(kind: str, exc: BaseException, remote_traceback: str | None = None) -> str:
+def encode_error(task_id: str, kind: str, exc: BaseException, remote_traceback: str | None = None) -> str:
     """The reply for a failed call, with the remote type and traceback as text."""
     remote_type = type(exc).__qualname__
     module = type(exc).__module__
@@ -217,12 +232,16 @@ def encode_error(kind: str, exc: BaseException, remote_traceback: str | None = N
     if remote_traceback is None:
         remote_traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     error = {"kind": kind, "type": remote_type, "message": str(exc), "traceback": remote_traceback}
-    return json.dumps({"error": error}, separators=(",", ":"))
+    return json.dumps({"id": task_id, "error": error}, separators=(",", ":"))
 
 
 def decode_reply(raw: str) -> Any:
     """The result in a reply, or the typed error it carries, raised."""
-    document = json.loads(raw)
+    return result_of(json.loads(raw))
+
+
+def result_of(document: dict[str, Any]) -> Any:
+    """The result in a parsed reply, or the typed error it carries, raised."""
     if "ok" in document:
         return document["ok"]
     raise error_from(document["error"])

@@ -12,6 +12,7 @@ trips (see :mod:`poolq.protocol`).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -57,6 +58,44 @@ def pool_nodes_key(pool: str) -> str:
 
 def node_key(node: str) -> str:
     return f"poolq:node:{node}"
+
+
+def stats_key(pool: str) -> str:
+    return f"poolq:pool:{pool}:stats"
+
+
+def scale_events_key(pool: str) -> str:
+    return f"poolq:pool:{pool}:scale_events"
+
+
+#: Scale events kept per pool (newest first).
+SCALE_EVENTS_KEPT = 100
+
+
+def count(client: redis.Redis, pool: str, **increments: int) -> None:
+    """Add to the pool's counters (requests, recycles, spawned, terminated, ...)."""
+    pipe = client.pipeline(transaction=False)
+    for name, amount in increments.items():
+        pipe.hincrby(stats_key(pool), name, amount)
+    pipe.execute()
+
+
+def record_scale(
+    client: redis.Redis, pool: str, direction: str, before: int, after: int, reason: str, now: float, node: str = ""
+) -> None:
+    """Record a scale event (up or down) in the pool's counters and its event list."""
+    event = {"at": now, "direction": direction, "from": before, "to": after, "reason": reason, "node": node}
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(stats_key(pool), f"scale_{direction}s", 1)
+    pipe.hset(stats_key(pool), mapping={f"last_scale_{k}": _flat(v) for k, v in event.items()})
+    pipe.lpush(scale_events_key(pool), json.dumps(event))
+    pipe.ltrim(scale_events_key(pool), 0, SCALE_EVENTS_KEPT - 1)
+    pipe.execute()
+
+
+def scale_events(client: redis.Redis, pool: str) -> list[dict[str, Any]]:
+    """The pool's recent scale events, newest first."""
+    return [json.loads(raw) for raw in client.lrange(scale_events_key(pool), 0, -1)]
 
 
 def publish(client: redis.Redis, pool: str, agent_id: str, fields: Mapping[str, Any]) -> None:

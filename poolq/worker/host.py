@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import redis
+from billiard.process import current_process
 
-from .. import registry
+from .. import names, registry
 from ..agent import Agent
 from ..config import PoolConfig
 from ..errors import AgentUnavailable, ConfigError
@@ -64,6 +65,8 @@ class AgentSlot:
     """One agent and its bookkeeping."""
 
     agent_id: str
+    suffix: str = ""
+    name: str = ""
     agent: Agent | None = None
     state: str = "starting"
     requests: int = 0
@@ -85,8 +88,13 @@ class AgentHost:
         self.agent_class = load_agent_class(pool)
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
-        suffix = [""] if slots == 1 else [f".{i}" for i in range(slots)]
-        self.slots = [AgentSlot(agent_id=f"{pool.name}@{self.hostname}:{self.pid}{s}") for s in suffix]
+        suffixes = [""] if slots == 1 else [f".{i}" for i in range(slots)]
+        self.slots = [
+            AgentSlot(
+                agent_id=f"{pool.name}@{self.hostname}:{self.pid}{s}", suffix=s, name=f"{pool.name}-{self.pid}{s}"
+            )
+            for s in suffixes
+        ]
         self._free: deque[AgentSlot] = deque()
         self._cond = threading.Condition()
         by_key = {agent_key(slot.agent_id): slot for slot in self.slots}
@@ -95,9 +103,19 @@ class AgentHost:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        """Build every agent, then start the heartbeat."""
+        """Name every agent, start the heartbeat, then build the agents."""
         for slot in self.slots:
+            # Published before the name is taken: the name pool reclaims the
+            # names of agents without a live record.
             self._publish(slot)
+            try:
+                slot.name = names.checkout(self.state, slot.agent_id, self.hostname, self.pid, slot.suffix)
+            except redis.RedisError:
+                logger.warning("no name from the name pool for %s; using %s", slot.agent_id, slot.name)
+            self._publish(slot)
+        if len(self.slots) == 1:
+            # Celery's log lines name the process: let them name the agent.
+            current_process().name = self.slots[0].name
         self._heartbeat.start()
         for slot in self.slots:
             self._setup(slot)
@@ -117,9 +135,10 @@ class AgentHost:
             slot.state = "stopped"
             try:
                 registry.remove(self.state, self.pool.name, slot.agent_id)
+                names.checkin(self.state, slot.name, self.hostname, self.pid, slot.suffix)
             except redis.RedisError:
                 logger.warning("could not remove %s from the registry", slot.agent_id)
-            logger.info("agent %s stopped", slot.agent_id)
+            logger.info("agent %s (%s) stopped", slot.name, slot.agent_id)
 
     @contextmanager
     def checkout(self) -> Iterator[AgentSlot]:
@@ -137,17 +156,18 @@ class AgentHost:
 
     def recycle(self, slot: AgentSlot, reason: str) -> None:
         """Replace the slot's agent by a fresh one (teardown, then setup)."""
-        logger.info("recycling agent %s: %s", slot.agent_id, reason)
+        logger.info("recycling agent %s: %s", slot.name, reason)
         slot.state = "recycling"
         self._publish(slot)
         self._teardown(slot)
+        self._count(recycles=1)
         self._setup(slot)
 
     # -- internals ---------------------------------------------------------
 
     def _setup(self, slot: AgentSlot) -> None:
         slot.state = "starting"
-        agent = self.agent_class(self.pool.options, pool=self.pool.name, name=slot.agent_id)
+        agent = self.agent_class(self.pool.options, pool=self.pool.name, name=slot.name)
         started = time.monotonic()
         try:
             agent.setup()
@@ -165,7 +185,8 @@ class AgentHost:
             slot.started_at = time.time()
             slot.setup_error = ""
             slot.retry_delay = SETUP_RETRY_MIN
-            logger.info("agent %s ready in %.2fs", slot.agent_id, time.monotonic() - started)
+            self._count(spawned=1)
+            logger.info("agent %s ready in %.2fs", slot.name, time.monotonic() - started)
         self._publish(slot)
 
     def healthy(self, slot: AgentSlot) -> bool:
@@ -200,11 +221,19 @@ class AgentHost:
         try:
             agent.teardown()
         except Exception:
-            logger.exception("teardown of agent %s failed", slot.agent_id)
+            logger.exception("teardown of agent %s failed", slot.name)
+        self._count(terminated=1)
+
+    def _count(self, **increments: int) -> None:
+        try:
+            registry.count(self.state, self.pool.name, **increments)
+        except redis.RedisError:
+            logger.warning("could not update the counters of pool %s", self.pool.name, exc_info=True)
 
     def _publish(self, slot: AgentSlot) -> None:
         fields = {
             "pool": self.pool.name,
+            "name": slot.name,
             "state": slot.state,
             "node": self.node,
             "host": self.hostname,

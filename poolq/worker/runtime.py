@@ -76,7 +76,7 @@ class Call:
 
     task_id: str
     op: str | None
-    wants_reply: bool
+    reply_to: str | None
 
 
 def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -88,7 +88,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     call = Call(
         task_id=request.id,
         op=getattr(request, protocol.HEADER_OP, None),
-        wants_reply=bool(getattr(request, protocol.HEADER_REPLY, False)),
+        reply_to=getattr(request, protocol.HEADER_REPLY, None) or None,
     )
     with runtime.host.checkout() as slot:
         try:
@@ -164,37 +164,51 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         result = operation()
     except SoftTimeLimitExceeded:
         timeout = CallTimeout(f"call {call.task_id} ({call.op or 'handle'}) ran past its call_timeout")
-        _fail(runtime, slot, call, "call_timeout", timeout)
+        _fail(runtime, slot, call, "call_timeout", timeout, ran=True)
         # The agent was interrupted mid-operation: never hand it out again as is.
         runtime.host.recycle(slot, "call timed out")
         raise timeout from None
     except Exception as exc:
-        _fail(runtime, slot, call, "agent", exc, with_traceback=True)
+        _fail(runtime, slot, call, "agent", exc, with_traceback=True, ran=True)
         # An agent that raised stays in service unless its health says otherwise.
         if not runtime.host.healthy(slot):
             runtime.host.recycle(slot, f"unhealthy after {type(exc).__name__}")
         raise
     try:
-        reply = protocol.encode_result(result)
+        reply = protocol.encode_result(call.task_id, result)
     except (TypeError, ValueError) as exc:
         error = TypeError(f"{call.op or 'handle'}() returned a value that is not plain JSON: {exc}")
-        _fail(runtime, slot, call, "agent", error)
+        _fail(runtime, slot, call, "agent", error, ran=True)
         raise error from None
-    _finish(runtime, slot, call, reply)
+    _finish(runtime, slot, call, reply, ran=True)
     return result
 
 
 def _fail(
-    runtime: Runtime, slot: AgentSlot, call: Call, kind: str, exc: BaseException, with_traceback: bool = False
+    runtime: Runtime,
+    slot: AgentSlot,
+    call: Call,
+    kind: str,
+    exc: BaseException,
+    with_traceback: bool = False,
+    ran: bool = False,
 ) -> None:
-    _finish(runtime, slot, call, protocol.encode_error(kind, exc, None if with_traceback else ""))
+    _finish(runtime, slot, call, protocol.encode_error(call.task_id, kind, exc, None if with_traceback else ""), ran)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
 
 
-def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str) -> None:
+def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool) -> None:
     protocol.finish(
-        runtime.scripts, call.task_id, reply if call.wants_reply else None, slot.agent_id, slot.requests, time.time()
+        runtime.scripts,
+        call.task_id,
+        reply if call.reply_to else None,
+        call.reply_to or "",
+        slot.agent_id,
+        registry.stats_key(runtime.pool.name),
+        slot.requests,
+        ran,
+        time.time(),
     )
 
 
