@@ -10,7 +10,7 @@ Example::
 """
 
 from .agent import Agent, operation
-from .client import Client, Handle, call, cast, default_client
+from .client import Client, Handle, call, cast, default_client, status
 from .config import Config, PoolConfig, load_config
 from .errors import (
     AgentCrashed,
@@ -29,6 +29,7 @@ from .errors import (
     UnknownOperation,
     UnknownPool,
 )
+from .status import AgentInfo, NodeInfo, PoolStatus
 from .version import VERSION
 
 __version__ = VERSION
@@ -37,6 +38,10 @@ __all__ = [
     # client
     "call",
     "cast",
+    "status",
+    "PoolStatus",
+    "AgentInfo",
+    "NodeInfo",
     "Client",
     "Handle",
     "default_client",

@@ -15,6 +15,7 @@ from celery import Celery
 
 from .config import Config, load_config
 from .errors import PoolqError
+from .status import PoolStatus
 from .version import VERSION
 
 CONFIG_OPTION = click.option(
@@ -193,6 +194,57 @@ def result(config_path: str | None, call_id: str, timeout: float | None) -> None
 
     value = Client(_config(config_path)).handle(call_id).result(timeout=timeout)
     click.echo(json.dumps(value, ensure_ascii=False))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(config_path: str | None, pool: str | None, as_json: bool) -> None:
+    """Show each pool's state, counters and agents (or only POOL's)."""
+    from .client import Client
+
+    client = Client(_config(config_path))
+    names = [pool] if pool else list(client.config.pools)
+    statuses = [client.status(name) for name in names]
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
+        return
+    for index, pool_status in enumerate(statuses):
+        if index:
+            click.echo()
+        click.echo(render_status(pool_status))
+
+
+def render_status(s: PoolStatus) -> str:
+    """A pool's status as a small text table."""
+    c = s.counters
+    lines = [
+        f"pool {s.pool}: {s.state}   size {s.size}  available {s.available}  in use {s.in_use}  "
+        f"overflow {s.overflow}/{s.max_overflow}  waiting {s.waiting}",
+        f"  requests {c['requests']}  recycles {c['recycles']}  spawned {c['spawned']}  "
+        f"terminated {c['terminated']}  scale up/down {c['scale_ups']}/{c['scale_downs']}",
+    ]
+    if s.last_scale:
+        e = s.last_scale
+        lines.append(f"  last scale: {e.get('direction')} {e.get('from')} -> {e.get('to')} ({e.get('reason')})")
+    if s.agents:
+        lines.append(f"  {'AGENT':<22} {'STATE':<10} {'NODE':<24} {'PID':>7} {'REQUESTS':>9} {'AGE':>8} {'IDLE':>8}")
+        for a in s.agents:
+            idle = "-" if a.idle_s is None else _duration(a.idle_s)
+            age = _duration(a.age_s)
+            lines.append(f"  {a.name:<22} {a.state:<10} {a.node:<24} {a.pid:>7} {a.requests:>9} {age:>8} {idle:>8}")
+    else:
+        lines.append("  no agents running")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 @main.command()

@@ -27,7 +27,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from . import protocol
+from . import protocol, queues
 from .app import create_app, default_app
 from .config import Config, PoolConfig, load_config
 from .errors import (
@@ -39,6 +39,8 @@ from .errors import (
     PoolqError,
     ResultTimeout,
 )
+from .queues import same_redis
+from .status import PoolStatus, read_status
 
 #: Seconds a caller waits past ``call_timeout`` for the worker's own timeout reply.
 CALL_GRACE = 2.0
@@ -130,6 +132,20 @@ class Client:
         call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
         task_id = self._send(config, args, kwargs, op, timeout, call_timeout, reply=False)
         return Handle(task_id, client=self)
+
+    def status(self, pool: str) -> PoolStatus:
+        """The pool's state, counters and agents, across its worker nodes (one round trip
+        when the broker is the state Redis).
+
+        Raises:
+            UnknownPool, BrokerUnavailable.
+        """
+        config = self.config.pool(pool)
+        with _unavailable_as_typed():
+            waiting = None
+            if not same_redis(self.config.broker_url, self.config.state_url):
+                waiting = queues.depth(self.app, self.config, config)
+            return read_status(self.state, self.config, config, waiting=waiting)
 
     def handle(self, task_id: str) -> Handle:
         """A handle on an earlier cast, known by its id (from any process)."""
@@ -285,6 +301,11 @@ def call(
 ) -> Any:
     """Run a call on ``pool`` and wait for its result (see :meth:`Client.call`)."""
     return default_client().call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
+
+
+def status(pool: str) -> PoolStatus:
+    """The pool's state, counters and agents (see :meth:`Client.status`)."""
+    return default_client().status(pool)
 
 
 def cast(

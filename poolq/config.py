@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BrokerNotConfigured, ConfigError, UnknownPool
 
@@ -63,6 +63,8 @@ DEFAULT_SETUP_TIMEOUT = 300.0
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 #: Deliveries of a call that kills its worker before it fails as a poison pill.
 DEFAULT_MAX_DELIVERIES = 3
+#: Seconds an overflow agent may sit idle before it retires.
+DEFAULT_OVERFLOW_IDLE = 30.0
 #: Seconds a cast's result stays readable by id.
 DEFAULT_RESULT_EXPIRES = 24 * 3600
 
@@ -81,6 +83,8 @@ class PoolConfig(_Model):
     agent: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="import path module:Class")
     size: int = Field(default=1, ge=1)
     max_overflow: int = Field(default=0, ge=0)
+    overflow_idle: float = Field(default=DEFAULT_OVERFLOW_IDLE, gt=0)
+    max_waiting: int | None = Field(default=None, ge=0)
     strategy: Literal["lifo", "fifo"] = "lifo"
     worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
@@ -90,6 +94,15 @@ class PoolConfig(_Model):
     max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
     requires: tuple[str, ...] = ()
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _overflow_needs_processes(self) -> PoolConfig:
+        if self.max_overflow and self.worker_pool != "prefork":
+            raise ValueError(
+                f"max_overflow needs worker_pool = 'prefork' (overflow agents are extra processes), "
+                f"not {self.worker_pool!r}"
+            )
+        return self
 
     @property
     def queue(self) -> str:

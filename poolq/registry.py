@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -27,21 +28,27 @@ HEARTBEAT_INTERVAL = 2.0
 #: Seconds after the last heartbeat at which an agent counts as gone.
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
 
-# KEYS: a member set.  ARGV: the records' key prefix. Returns a flat list of
-# [id, fields...] and prunes dead ids: status is one round trip whatever the
-# number of agents.
-_READ_POOL = """
-local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local fields = redis.call('HGETALL', ARGV[1] .. id)
-  if #fields == 0 then
-    redis.call('SREM', KEYS[1], id)
-  else
-    table.insert(out, id)
-    table.insert(out, fields)
+# KEYS: agents set, nodes set, stats hash, queue list ('' when the queue lives
+# elsewhere).  Returns {agents, nodes, stats, queue length}: every record of a
+# pool in one round trip whatever the number of agents, pruning the ids whose
+# heartbeat lapsed.
+_SNAPSHOT = """
+local function records(members, prefix)
+  local out = {}
+  for _, id in ipairs(redis.call('SMEMBERS', members)) do
+    local fields = redis.call('HGETALL', prefix .. id)
+    if #fields == 0 then
+      redis.call('SREM', members, id)
+    else
+      table.insert(out, id)
+      table.insert(out, fields)
+    end
   end
+  return out
 end
-return out
+local waiting = -1
+if KEYS[4] ~= '' then waiting = redis.call('LLEN', KEYS[4]) end
+return {records(KEYS[1], 'poolq:agent:'), records(KEYS[2], 'poolq:node:'), redis.call('HGETALL', KEYS[3]), waiting}
 """
 
 
@@ -133,25 +140,36 @@ def _remove(client: redis.Redis, key: str, members: str, member: str) -> None:
     pipe.execute()
 
 
-def read_pool(client: redis.Redis, pool: str) -> list[dict[str, str]]:
-    """Every live agent of ``pool``, as a dict of its record (plus ``id``)."""
-    return _read(client, pool_agents_key(pool), "poolq:agent:")
+@dataclass(frozen=True)
+class Snapshot:
+    """Every registry record of one pool, read at one instant."""
+
+    agents: list[dict[str, str]]
+    nodes: list[dict[str, str]]
+    stats: dict[str, str]
+    #: Calls in the pool's queue, or None when the queue is not in this Redis.
+    waiting: int | None
 
 
-def read_nodes(client: redis.Redis, pool: str) -> list[dict[str, str]]:
-    """Every live worker node of ``pool``, as a dict of its record (plus ``id``)."""
-    return _read(client, pool_nodes_key(pool), "poolq:node:")
+def snapshot(client: redis.Redis, pool: str, queue: str = "") -> Snapshot:
+    """Read the pool's agents, nodes and counters (and ``queue``'s length, if given) in one round trip."""
+    agents, nodes, stats, waiting = client.eval(
+        _SNAPSHOT, 4, pool_agents_key(pool), pool_nodes_key(pool), stats_key(pool), queue
+    )
+    return Snapshot(
+        agents=[{**_pairs(fields), "id": str(id_)} for id_, fields in _records(agents)],
+        nodes=[{**_pairs(fields), "id": str(id_)} for id_, fields in _records(nodes)],
+        stats=_pairs(stats),
+        waiting=None if int(waiting) < 0 else int(waiting),
+    )
 
 
-def _read(client: redis.Redis, members: str, prefix: str) -> list[dict[str, str]]:
-    flat = client.eval(_READ_POOL, 1, members, prefix)
-    records = []
-    for i in range(0, len(flat), 2):
-        fields = flat[i + 1]
-        record = {fields[j]: fields[j + 1] for j in range(0, len(fields), 2)}
-        record["id"] = flat[i]
-        records.append(record)
-    return records
+def _records(flat: list[Any]) -> list[tuple[Any, list[Any]]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 class Heartbeat:

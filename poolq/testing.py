@@ -81,7 +81,7 @@ class RunningPool:
 
     def agents(self) -> list[dict[str, str]]:
         """The registry's records of this pool's live agents."""
-        return registry.read_pool(self.client.state, self.name)
+        return registry.snapshot(self.client.state, self.name).agents
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = READY_TIMEOUT, what: str = "condition") -> None:
         """Poll ``condition`` until it holds; fail with the workers' logs after ``timeout``."""
@@ -101,7 +101,7 @@ class RunningPool:
         """Wait until every node consumes and every agent is set up (idle or failed)."""
 
         def ready() -> bool:
-            nodes = registry.read_nodes(self.client.state, self.name)
+            nodes = registry.snapshot(self.client.state, self.name).nodes
             settled = [a for a in self.agents() if a.get("state") in ("idle", "failed")]
             mine = {w.node for w in self.workers}
             return sum(1 for n in nodes if n["id"] in mine and n.get("state") == "ready") == len(self.workers) and len(

@@ -16,6 +16,11 @@ import redis
 import poolq
 
 
+_KEEP_MAX = (
+    "if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end"
+)
+
+
 class Probe(poolq.Agent):
     """A configurable agent for lifecycle, timeout and error tests.
 
@@ -58,6 +63,17 @@ class Probe(poolq.Agent):
     def add(self, a: int, b: int) -> int:
         return a + b
 
+    @poolq.operation
+    def track(self, sleep: float) -> dict[str, Any]:
+        """Hold the agent for ``sleep`` s while counting how many agents of the pool run at once."""
+        running = self.redis.incr(f"{self.key}:running")
+        self.redis.eval(_KEEP_MAX, 1, f"{self.key}:max_running", running)
+        try:
+            time.sleep(sleep)
+        finally:
+            self.redis.decr(f"{self.key}:running")
+        return {"pid": os.getpid(), "agent": self.name}
+
     def teardown(self) -> None:
         self.redis.rpush(f"{self.key}:events", f"teardown {os.getpid()} {self.name}")
 
@@ -73,5 +89,10 @@ def ran(redis_client: redis.Redis, pool: str) -> list[str]:
     return list(redis_client.lrange(f"test:{pool}:ran", 0, -1))
 
 
+def max_running(redis_client: redis.Redis, pool: str) -> int:
+    """The most calls of ``pool``'s ``track`` operation that ran at the same time."""
+    return int(redis_client.get(f"test:{pool}:max_running") or 0)
+
+
 def clear(redis_client: redis.Redis, pool: str) -> None:
-    redis_client.delete(f"test:{pool}:events", f"test:{pool}:ran")
+    redis_client.delete(*(f"test:{pool}:{key}" for key in ("events", "ran", "running", "max_running")))

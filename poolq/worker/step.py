@@ -27,12 +27,13 @@ import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-from .. import protocol, registry
+from .. import protocol, queues, registry
 from ..app import PROCESS_START_MARGIN
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from . import runtime
 from .host import load_agent_class
+from .overflow import TICK, OverflowController
 
 logger = logging.getLogger("poolq.worker")
 
@@ -87,10 +88,21 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         assert _serving is not None
         config, pool, node = _serving
-        self.beacon = NodeBeacon(config, pool, node, concurrency=worker.concurrency, pool_type=self.pool_type)
+        self.beacon = NodeBeacon(config, pool, node, processes=worker.concurrency, pool_type=self.pool_type)
         self.beacon.start()
         if self.pool_type == "threads":
             runtime.install(runtime.Runtime.create(config, pool, node, slots=worker.concurrency))
+        if pool.max_overflow:
+            app = worker.app
+            controller = OverflowController(
+                worker,
+                pool,
+                node,
+                self.beacon.state,
+                waiting=lambda: queues.depth(app, config, pool),
+                on_change=self.beacon.set_processes,
+            )
+            worker.timer.call_repeatedly(TICK, controller.tick)
 
     def stop(self, worker: Any) -> None:
         if self.pool is None:
@@ -103,7 +115,7 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
 class NodeBeacon:
     """The worker node's own registry record: starting, then ready once it consumes."""
 
-    def __init__(self, config: Config, pool: PoolConfig, node: str, concurrency: int, pool_type: str) -> None:
+    def __init__(self, config: Config, pool: PoolConfig, node: str, processes: int, pool_type: str) -> None:
         self.state = protocol.connect(config.state_url)
         self.pool = pool
         self.node = node
@@ -112,7 +124,9 @@ class NodeBeacon:
             "state": "starting",
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "concurrency": concurrency,
+            "size": pool.size,
+            "max_overflow": pool.max_overflow,
+            "processes": processes,
             "worker_pool": pool_type,
             "started_at": time.time(),
         }
@@ -127,6 +141,10 @@ class NodeBeacon:
 
     def ready(self) -> None:
         self.fields["state"] = "ready"
+        self.publish()
+
+    def set_processes(self, processes: int) -> None:
+        self.fields["processes"] = processes
         self.publish()
 
     def publish(self) -> None:

@@ -1,0 +1,178 @@
+"""Pool status: what the registry says is running, in one round trip.
+
+The numbers follow poolboy's (Normandy, Jido): ``size`` base agents,
+``overflow`` extra agents out of ``max_overflow``, ``available`` idle ones,
+``in_use`` busy or leased ones, ``waiting`` calls in the queue, and a state:
+
+- ``ready``: an agent is free, or overflow can still start one;
+- ``overflow``: extra agents are running and overflow is not spent;
+- ``full``: no agent is free and overflow is spent (new calls wait);
+- ``degraded``: no agent can serve (none running, or every setup failed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from . import registry
+from .config import Config, PoolConfig
+
+IN_USE = ("busy", "leased")
+SERVING = ("idle", "busy", "leased")
+COUNTERS = ("requests", "recycles", "spawned", "terminated", "scale_ups", "scale_downs")
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent as the registry sees it."""
+
+    id: str
+    name: str
+    state: str
+    node: str
+    host: str
+    pid: int
+    requests: int
+    age_s: float
+    idle_s: float | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One worker node (a ``poolq worker`` main process) of the pool."""
+
+    id: str
+    state: str
+    host: str
+    pid: int
+    size: int
+    max_overflow: int
+    processes: int
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """A pool's state, counters and agents, across all of its worker nodes."""
+
+    pool: str
+    state: str
+    size: int
+    available: int
+    in_use: int
+    overflow: int
+    max_overflow: int
+    waiting: int
+    starting: int
+    failed: int
+    counters: dict[str, int]
+    last_scale: dict[str, Any] | None
+    nodes: list[NodeInfo] = field(default_factory=list)
+    agents: list[AgentInfo] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_status(state: redis.Redis, config: Config, pool: PoolConfig, waiting: int | None = None) -> PoolStatus:
+    """The status of ``pool``; give ``waiting`` when the pool's queue is not in the state Redis."""
+    snap = registry.snapshot(state, pool.name, pool.queue if waiting is None else "")
+    if waiting is None:
+        waiting = snap.waiting or 0
+    return summarize(pool, snap.agents, snap.nodes, snap.stats, waiting=waiting, now=time.time())
+
+
+def summarize(
+    pool: PoolConfig,
+    agents: list[dict[str, str]],
+    nodes: list[dict[str, str]],
+    stats: dict[str, str],
+    waiting: int,
+    now: float,
+) -> PoolStatus:
+    """Turn registry records into a :class:`PoolStatus` (pure: tests call it directly)."""
+    node_infos = [
+        NodeInfo(
+            id=n["id"],
+            state=n.get("state", ""),
+            host=n.get("host", ""),
+            pid=_int(n.get("pid")),
+            size=_int(n.get("size"), pool.size),
+            max_overflow=_int(n.get("max_overflow"), pool.max_overflow),
+            processes=_int(n.get("processes")),
+        )
+        for n in nodes
+    ]
+    agent_infos = [_agent(a, now) for a in agents]
+    size = overflow = 0
+    for node in node_infos:
+        count = sum(1 for a in agent_infos if a.node == node.id)
+        size += min(count, node.size)
+        overflow += max(0, count - node.size)
+    size += sum(1 for a in agent_infos if a.node not in {n.id for n in node_infos})
+    max_overflow = sum(n.max_overflow for n in node_infos)
+    available = sum(1 for a in agent_infos if a.state == "idle")
+    in_use = sum(1 for a in agent_infos if a.state in IN_USE)
+    if not any(a.state in SERVING for a in agent_infos):
+        state = "degraded"
+    elif available == 0 and overflow >= max_overflow:
+        state = "full"
+    elif overflow > 0:
+        state = "overflow"
+    else:
+        state = "ready"
+    last_scale = None
+    if "last_scale_direction" in stats:
+        last_scale = {k.removeprefix("last_scale_"): v for k, v in stats.items() if k.startswith("last_scale_")}
+    return PoolStatus(
+        pool=pool.name,
+        state=state,
+        size=size,
+        available=available,
+        in_use=in_use,
+        overflow=overflow,
+        max_overflow=max_overflow,
+        waiting=waiting,
+        starting=sum(1 for a in agent_infos if a.state in ("starting", "recycling")),
+        failed=sum(1 for a in agent_infos if a.state == "failed"),
+        counters={name: _int(stats.get(name)) for name in COUNTERS},
+        last_scale=last_scale,
+        nodes=sorted(node_infos, key=lambda n: n.id),
+        agents=sorted(agent_infos, key=lambda a: (a.node, a.name)),
+    )
+
+
+def _agent(record: dict[str, str], now: float) -> AgentInfo:
+    started = _float(record.get("started_at"))
+    last_used = _float(record.get("last_used_at"))
+    state = record.get("state", "")
+    return AgentInfo(
+        id=record["id"],
+        name=record.get("name", record["id"]),
+        state=state,
+        node=record.get("node", ""),
+        host=record.get("host", ""),
+        pid=_int(record.get("pid")),
+        requests=_int(record.get("requests")),
+        age_s=max(0.0, now - started) if started else 0.0,
+        idle_s=max(0.0, now - (last_used or started)) if state == "idle" else None,
+        error=record.get("error", ""),
+    )
+
+
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(float(value)) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _float(value: str | None) -> float:
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        return 0.0
