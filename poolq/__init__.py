@@ -10,7 +10,7 @@ Example::
 """
 
 from .agent import Agent, operation
-from .client import Client, Handle, call, cast, default_client, status
+from .client import Client, Handle, call, cast, default_client, lease, status
 from .config import Config, PoolConfig, load_config
 from .errors import (
     AgentCrashed,
@@ -23,12 +23,15 @@ from .errors import (
     ConfigError,
     InvalidArguments,
     InvalidPayload,
+    LeaseLost,
+    PoolExhausted,
     PoolqError,
     PoolqTimeout,
     ResultTimeout,
     UnknownOperation,
     UnknownPool,
 )
+from .lease import Lease
 from .status import AgentInfo, NodeInfo, PoolStatus
 from .version import VERSION
 
@@ -38,6 +41,8 @@ __all__ = [
     # client
     "call",
     "cast",
+    "lease",
+    "Lease",
     "status",
     "PoolStatus",
     "AgentInfo",
@@ -59,6 +64,8 @@ __all__ = [
     "BrokerUnavailable",
     "UnknownPool",
     "InvalidPayload",
+    "PoolExhausted",
+    "LeaseLost",
     "UnknownOperation",
     "InvalidArguments",
     "PoolqTimeout",

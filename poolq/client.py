@@ -36,14 +36,13 @@ from .errors import (
     CallTimeout,
     CheckoutTimeout,
     InvalidPayload,
+    PoolExhausted,
     PoolqError,
     ResultTimeout,
 )
+from .lease import Lease
 from .queues import same_redis
 from .status import PoolStatus, read_status
-
-#: Seconds a caller waits past ``call_timeout`` for the worker's own timeout reply.
-CALL_GRACE = 2.0
 
 
 class Client:
@@ -79,6 +78,7 @@ class Client:
         op: str | None = None,
         timeout: float | None = None,
         call_timeout: float | None = None,
+        block: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Run ``op`` (default ``handle``) on an agent of ``pool`` and return its result.
@@ -90,9 +90,11 @@ class Client:
             timeout: seconds to wait for a free agent (default: the pool's).
                 A call not started by then never runs.
             call_timeout: seconds the agent may spend on it (default: the pool's).
+            block: ``False`` fails at once with ``PoolExhausted`` when no agent
+                is free and overflow is spent, instead of waiting in the queue.
 
         Raises:
-            UnknownPool, InvalidPayload: before anything is sent.
+            UnknownPool, InvalidPayload, PoolExhausted: before anything is sent.
             CheckoutTimeout: no agent took the call within ``timeout``.
             CallTimeout: the agent did not finish within ``call_timeout``.
             AgentError: the agent raised; ``remote_type``, ``message`` and
@@ -102,14 +104,21 @@ class Client:
         config = self.config.pool(pool)
         timeout = config.timeout if timeout is None else _positive("timeout", timeout)
         call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
-        task_id = self._send(config, args, kwargs, op, timeout, call_timeout, reply=True)
-        reply = self._wait_reply(task_id, timeout)
-        if reply is None:
-            if self._give_up(task_id):
-                raise CheckoutTimeout(f"no agent of pool {pool!r} took the call within {timeout:g}s; it will not run")
-            reply = self._wait_reply(task_id, call_timeout + CALL_GRACE)
+        self.check_payload(config, args, kwargs)
+        self.check_capacity(config, block)
+        task_id = str(uuid.uuid4())
+        reply_to = protocol.reply_key(task_id)
+        self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=reply_to, task_id=task_id)
+        with self.translate_errors():
+            reply = protocol.pop(self.state, reply_to, timeout)
             if reply is None:
-                raise CallTimeout(f"the agent of pool {pool!r} did not finish the call within {call_timeout:g}s")
+                if self.give_up(task_id):
+                    raise CheckoutTimeout(
+                        f"no agent of pool {pool!r} took the call within {timeout:g}s; it will not run"
+                    )
+                reply = protocol.pop(self.state, reply_to, call_timeout + protocol.CALL_GRACE)
+        if reply is None:
+            raise CallTimeout(f"the agent of pool {pool!r} did not finish the call within {call_timeout:g}s")
         return protocol.decode_reply(reply)
 
     def cast(
@@ -119,6 +128,7 @@ class Client:
         op: str | None = None,
         timeout: float | None = None,
         call_timeout: float | None = None,
+        block: bool = True,
         **kwargs: Any,
     ) -> Handle:
         """Send a call and return at once with a :class:`Handle` on its result.
@@ -130,43 +140,98 @@ class Client:
         if timeout is not None:
             _positive("timeout", timeout)
         call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
-        task_id = self._send(config, args, kwargs, op, timeout, call_timeout, reply=False)
-        return Handle(task_id, client=self)
+        self.check_payload(config, args, kwargs)
+        self.check_capacity(config, block)
+        return Handle(self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=None), client=self)
+
+    def lease(self, pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:
+        """Hold one agent of ``pool`` for several calls (see :class:`~poolq.lease.Lease`).
+
+        Parameters:
+            timeout: seconds to wait for an agent (default: the pool's).
+            ttl: seconds the lease may go without a call before its agent is
+                taken back (the client is presumed dead).
+            block: ``False`` fails at once with ``PoolExhausted`` when no agent is free.
+        """
+        return Lease(self, pool, timeout=timeout, ttl=ttl, block=block)
 
     def status(self, pool: str) -> PoolStatus:
-        """The pool's state, counters and agents, across its worker nodes (one round trip
-        when the broker is the state Redis).
+        """The pool's state, counters and agents across its worker nodes.
+
+        One round trip when the broker is the state Redis.
 
         Raises:
             UnknownPool, BrokerUnavailable.
         """
         config = self.config.pool(pool)
-        with _unavailable_as_typed():
+        with self.translate_errors():
             waiting = None
-            if not same_redis(self.config.broker_url, self.config.state_url):
+            if not self._queue_in_state:
                 waiting = queues.depth(self.app, self.config, config)
-            return read_status(self.state, self.config, config, waiting=waiting)
+            return read_status(self.state, config, waiting=waiting)
 
     def handle(self, task_id: str) -> Handle:
         """A handle on an earlier cast, known by its id (from any process)."""
         return Handle(task_id, client=self)
 
-    def _send(
+    # -- the parts calls, casts and leases share ---------------------------
+
+    def check_payload(self, pool: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse arguments that are not plain JSON or exceed the pool's limit.
+
+        Raises:
+            InvalidPayload
+        """
+        try:
+            body = json.dumps([args, kwargs], allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise InvalidPayload(f"arguments for pool {pool.name!r} are not plain JSON: {exc}") from None
+        size = len(body.encode())
+        if size > pool.max_payload_bytes:
+            raise InvalidPayload(
+                f"arguments for pool {pool.name!r} are {size} bytes, over the limit of {pool.max_payload_bytes} "
+                "(max_payload_bytes)"
+            )
+
+    def check_capacity(self, pool: PoolConfig, block: bool) -> None:
+        """Fail fast, without sending, when the pool cannot take a call now.
+
+        Costs one round trip, and only when asked for (``block=False``) or
+        when the pool sets ``max_waiting``.
+
+        Raises:
+            PoolExhausted
+        """
+        if block and pool.max_waiting is None:
+            return
+        now = self.status(pool.name)
+        if pool.max_waiting is not None and now.waiting >= pool.max_waiting:
+            raise PoolExhausted(f"pool {pool.name!r} has {now.waiting} calls waiting (max_waiting {pool.max_waiting})")
+        if not block and now.available == 0 and not now.can_grow:
+            raise PoolExhausted(f"no agent of pool {pool.name!r} is free and its overflow is spent")
+
+    def send(
         self,
         pool: PoolConfig,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         op: str | None,
         timeout: float | None,
-        call_timeout: float,
-        reply: bool,
+        call_timeout: float | None,
+        reply_to: str | None,
+        task_id: str | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> str:
-        _check_payload(pool, args, kwargs)
-        task_id = str(uuid.uuid4())
-        headers: dict[str, Any] = {protocol.HEADER_OP: op}
-        if reply:
-            headers[protocol.HEADER_REPLY] = protocol.reply_key(task_id)
-        with _unavailable_as_typed():
+        """Put the call on the pool's queue; its id.
+
+        ``reply_to`` names the Redis list for the reply (``call``); without
+        one the result goes to Celery's result backend (``cast``).
+        """
+        task_id = task_id or str(uuid.uuid4())
+        message_headers: dict[str, Any] = {protocol.HEADER_OP: op, **(headers or {})}
+        if reply_to:
+            message_headers[protocol.HEADER_REPLY] = reply_to
+        with self.translate_errors():
             self.app.send_task(
                 pool.task_name,
                 args=args,
@@ -176,18 +241,28 @@ class Client:
                 routing_key=pool.queue,
                 expires=timeout,
                 soft_time_limit=call_timeout,
-                ignore_result=reply,
-                headers=headers,
+                ignore_result=bool(reply_to),
+                headers=message_headers,
             )
         return task_id
 
-    def _wait_reply(self, task_id: str, seconds: float) -> str | None:
-        with _unavailable_as_typed():
-            return protocol.pop_reply(self.state, task_id, seconds)
-
-    def _give_up(self, task_id: str) -> bool:
-        with _unavailable_as_typed():
+    def give_up(self, task_id: str) -> bool:
+        """Claim a call as expired; True when no agent had started it (it never will)."""
+        with self.translate_errors():
             return protocol.expire(self.scripts, task_id)
+
+    @staticmethod
+    @contextmanager
+    def translate_errors() -> Iterator[None]:
+        """Turn a lost broker or state Redis into :class:`BrokerUnavailable`."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
+            raise BrokerUnavailable(f"cannot reach the broker or the state Redis: {exc}") from exc
+
+    @functools.cached_property
+    def _queue_in_state(self) -> bool:
+        return same_redis(self.config.broker_url, self.config.state_url)
 
 
 class Handle:
@@ -214,12 +289,12 @@ class Handle:
     @property
     def state(self) -> str:
         """Celery's state of the call: PENDING, STARTED, SUCCESS or FAILURE."""
-        with _unavailable_as_typed():
+        with Client.translate_errors():
             return str(self._async.state)
 
     def ready(self) -> bool:
         """Whether the call has finished (successfully or not)."""
-        with _unavailable_as_typed():
+        with Client.translate_errors():
             return bool(self._async.ready())
 
     def result(self, timeout: float | None = None) -> Any:
@@ -231,7 +306,7 @@ class Handle:
         """
         result = self._async
         try:
-            with _unavailable_as_typed():
+            with Client.translate_errors():
                 value = result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
         except celery.exceptions.TimeoutError:
             raise ResultTimeout(f"cast {self.id} has not finished after {timeout:g}s") from None
@@ -262,28 +337,6 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def _check_payload(pool: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Refuse arguments that are not plain JSON or exceed the pool's limit."""
-    try:
-        body = json.dumps([args, kwargs], allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise InvalidPayload(f"arguments for pool {pool.name!r} are not plain JSON: {exc}") from None
-    size = len(body.encode())
-    if size > pool.max_payload_bytes:
-        raise InvalidPayload(
-            f"arguments for pool {pool.name!r} are {size} bytes, over the limit of {pool.max_payload_bytes} "
-            "(max_payload_bytes)"
-        )
-
-
-@contextmanager
-def _unavailable_as_typed() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
-        raise BrokerUnavailable(f"cannot reach the broker or the state Redis: {exc}") from exc
-
-
 @functools.cache
 def default_client() -> Client:
     """The client built from the environment (``POOLQ_CONFIG``, ``POOLQ_BROKER_URL``)."""
@@ -297,10 +350,11 @@ def call(
     op: str | None = None,
     timeout: float | None = None,
     call_timeout: float | None = None,
+    block: bool = True,
     **kwargs: Any,
 ) -> Any:
     """Run a call on ``pool`` and wait for its result (see :meth:`Client.call`)."""
-    return default_client().call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
+    return default_client().call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, **kwargs)
 
 
 def status(pool: str) -> PoolStatus:
@@ -314,7 +368,13 @@ def cast(
     op: str | None = None,
     timeout: float | None = None,
     call_timeout: float | None = None,
+    block: bool = True,
     **kwargs: Any,
 ) -> Handle:
     """Send a call to ``pool`` and return a :class:`Handle` at once (see :meth:`Client.cast`)."""
-    return default_client().cast(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
+    return default_client().cast(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, **kwargs)
+
+
+def lease(pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:
+    """Hold one agent of ``pool`` for several calls (see :meth:`Client.lease`)."""
+    return default_client().lease(pool, timeout=timeout, ttl=ttl, block=block)

@@ -41,6 +41,14 @@ class InvalidArguments(PoolqError):
     """The arguments do not fit the operation's signature."""
 
 
+class PoolExhausted(PoolqError):
+    """No agent is free and overflow is spent (or the queue is at ``max_waiting``); nothing was sent."""
+
+
+class LeaseLost(PoolqError):
+    """The lease ended before the call: its TTL passed, a call timed out, or its agent died."""
+
+
 class PoolqTimeout(PoolqError, TimeoutError):
     """Base class of poolq's timeouts (also a builtin ``TimeoutError``)."""
 

@@ -38,11 +38,16 @@ from . import errors
 #: list the reply goes to (none for a cast).
 HEADER_OP = "poolq_op"
 HEADER_REPLY = "poolq_reply"
+#: A lease request carries its lease id and its idle TTL in seconds.
+HEADER_LEASE = "poolq_lease"
+HEADER_LEASE_TTL = "poolq_lease_ttl"
 
 #: Seconds a state Redis socket may stay silent before the client gives up on it.
 SOCKET_TIMEOUT = 10.0
 #: Longest single BLPOP, kept below SOCKET_TIMEOUT.
 BLOCK_SLICE = 8.0
+#: Seconds a caller waits past ``call_timeout`` for the worker's own timeout reply.
+CALL_GRACE = 2.0
 #: Seconds an unread reply is kept (the caller may have given up).
 REPLY_TTL = 300
 #: Seconds a claim outlives its task; must exceed the broker's visibility
@@ -59,6 +64,7 @@ _ERROR_KINDS: dict[str, type[errors.PoolqError]] = {
     "checkout_timeout": errors.CheckoutTimeout,
     "unavailable": errors.AgentUnavailable,
     "invalid_payload": errors.InvalidPayload,
+    "lease_lost": errors.LeaseLost,
 }
 
 
@@ -69,13 +75,12 @@ def connect(url: str) -> redis.Redis:
     )
 
 
-def pop_reply(client: redis.Redis, task_id: str, seconds: float) -> str | None:
-    """Wait up to ``seconds`` for the reply to ``task_id``; None if none came.
+def pop(client: redis.Redis, key: str, seconds: float) -> str | None:
+    """Wait up to ``seconds`` for an item on the list ``key``; None if none came.
 
     A BLPOP blocks no longer than :data:`BLOCK_SLICE` at a time, so a dead
     server shows up as an error within the socket timeout instead of a hang.
     """
-    key = reply_key(task_id)
     deadline = time.monotonic() + seconds
     while True:
         left = deadline - time.monotonic()
@@ -96,6 +101,16 @@ def claim_key(task_id: str) -> str:
 
 def agent_key(agent_id: str) -> str:
     return f"poolq:agent:{agent_id}"
+
+
+def lease_requests_key(lease_id: str) -> str:
+    """Where the lease's client pushes requests and the agent pops them."""
+    return f"poolq:lease:{lease_id}:requests"
+
+
+def lease_replies_key(lease_id: str) -> str:
+    """Where the agent pushes the grant, the replies, and the end of the lease."""
+    return f"poolq:lease:{lease_id}:replies"
 
 
 # KEYS: claim, agent.  ARGV: owner, claim ttl, now, task id.
@@ -127,7 +142,8 @@ return attempts
 """
 
 # KEYS: reply, claim, agent, pool stats.  ARGV: reply ('' for none), reply
-# ttl, claim ttl, now, agent requests, 1 if the operation ran.  The agent
+# ttl, claim ttl, now, agent requests, 1 if the operation ran, the agent's
+# state from now on.  The agent
 # record is only touched while its heartbeat lives, so a late finish cannot
 # resurrect a record without a TTL.
 _FINISH = """
@@ -138,7 +154,7 @@ end
 redis.call('HSET', KEYS[2], 'owner', 'done')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[3], 'state', 'idle', 'last_used_at', ARGV[4], 'requests', ARGV[5], 'task', '')
+  redis.call('HSET', KEYS[3], 'state', ARGV[7], 'last_used_at', ARGV[4], 'requests', ARGV[5], 'task', '')
 end
 if ARGV[6] == '1' then
   redis.call('HINCRBY', KEYS[4], 'requests', 1)
@@ -210,11 +226,12 @@ def finish(
     requests_done: int,
     ran: bool,
     now: float,
+    agent_state: str = "idle",
 ) -> None:
-    """In one round trip: push the reply, close the claim, set the agent idle, count the call."""
+    """In one round trip: push the reply, close the claim, set the agent's state, count the call."""
     scripts.finish(
         keys=[reply_to or reply_key(task_id), claim_key(task_id), agent_key(agent_id), stats_key],
-        args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran)],
+        args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state],
     )
 
 

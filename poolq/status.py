@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from . import registry
-from .config import Config, PoolConfig
+from .config import PoolConfig
 
 IN_USE = ("busy", "leased")
 SERVING = ("idle", "busy", "leased")
@@ -74,11 +74,16 @@ class PoolStatus:
     nodes: list[NodeInfo] = field(default_factory=list)
     agents: list[AgentInfo] = field(default_factory=list)
 
+    @property
+    def can_grow(self) -> bool:
+        """Whether some node may still start an overflow agent."""
+        return any(n.processes < n.size + n.max_overflow for n in self.nodes)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_status(state: redis.Redis, config: Config, pool: PoolConfig, waiting: int | None = None) -> PoolStatus:
+def read_status(state: redis.Redis, pool: PoolConfig, waiting: int | None = None) -> PoolStatus:
     """The status of ``pool``; give ``waiting`` when the pool's queue is not in the state Redis."""
     snap = registry.snapshot(state, pool.name, pool.queue if waiting is None else "")
     if waiting is None:

@@ -15,7 +15,6 @@ import redis
 
 import poolq
 
-
 _KEEP_MAX = (
     "if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end"
 )
@@ -73,6 +72,10 @@ class Probe(poolq.Agent):
         finally:
             self.redis.decr(f"{self.key}:running")
         return {"pid": os.getpid(), "agent": self.name}
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.redis.rpush(f"{self.key}:events", f"reset {os.getpid()} {self.name}")
 
     def teardown(self) -> None:
         self.redis.rpush(f"{self.key}:events", f"teardown {os.getpid()} {self.name}")

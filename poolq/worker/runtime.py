@@ -23,6 +23,7 @@ from celery.utils.time import maybe_iso8601
 from .. import protocol, registry
 from ..config import Config, PoolConfig
 from ..errors import AgentCrashed, AgentUnavailable, CallTimeout, CheckoutTimeout, InvalidArguments, UnknownOperation
+from . import lease
 from .host import AgentHost, AgentSlot
 
 logger = logging.getLogger("poolq.worker")
@@ -77,6 +78,8 @@ class Call:
     task_id: str
     op: str | None
     reply_to: str | None
+    lease: str | None = None
+    lease_ttl: float = 0.0
 
 
 def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -89,11 +92,24 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         task_id=request.id,
         op=getattr(request, protocol.HEADER_OP, None),
         reply_to=getattr(request, protocol.HEADER_REPLY, None) or None,
+        lease=getattr(request, protocol.HEADER_LEASE, None) or None,
+        lease_ttl=float(getattr(request, protocol.HEADER_LEASE_TTL, 0) or 0),
     )
     with runtime.host.checkout() as slot:
         try:
-            if not _admit(runtime, slot, call, _deadline(request.expires)):
+            attempt = _admit(runtime, slot, call, _deadline(request.expires))
+            if not attempt:
                 raise Ignore()
+            if call.lease:
+                # A lease redelivered after its agent died is not served again:
+                # its client has lost that agent's state and hears LeaseLost.
+                if attempt > 1:
+                    _finish(runtime, slot, call, "", ran=False)
+                    return {"lease": call.lease, "ended": "agent died"}
+                ended, broken = lease.serve(runtime, slot, call.lease, call.lease_ttl)
+                _finish(runtime, slot, call, "", ran=False, agent_state="recycling" if broken else "idle")
+                lease.end(runtime, slot, ended, broken)
+                return {"lease": call.lease, "ended": ended}
             return _invoke(runtime, slot, call, list(args), kwargs)
         except Ignore:
             raise
@@ -112,8 +128,8 @@ def _deadline(expires: Any) -> float | None:
     return float(maybe_iso8601(expires).timestamp() if isinstance(expires, str) else expires.timestamp())
 
 
-def _admit(runtime: Runtime, slot: AgentSlot, call: Call, deadline: float | None) -> bool:
-    """Claim the call for this agent; False when it must not run here."""
+def _admit(runtime: Runtime, slot: AgentSlot, call: Call, deadline: float | None) -> int:
+    """Claim the call for this agent: the delivery number, or 0 when it must not run here."""
     if deadline is not None and deadline < time.time():
         # Celery checks expiry on receipt, but a prefork job can wait in the
         # parent's buffer past it; the claim makes the verdict final.
@@ -121,17 +137,17 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call, deadline: float | None
             expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
             _fail(runtime, slot, call, "checkout_timeout", expired)
             raise expired
-        return False
+        return 0
     now = time.time()
     claim = protocol.claim(runtime.scripts, call.task_id, slot.agent_id, slot.agent_id, now)
     if claim.run:
-        return True
+        return 1
     if claim.owner in (protocol.EXPIRED, protocol.DONE) or _owner_alive(runtime, claim.owner):
         logger.info("skipping call %s: already %s", call.task_id, claim.owner)
-        return False
+        return 0
     attempts = protocol.take_over(runtime.scripts, call.task_id, slot.agent_id, claim.owner, slot.agent_id, now)
     if attempts < 0:
-        return False
+        return 0
     logger.warning("call %s: its runner %s died; delivery %d", call.task_id, claim.owner, attempts)
     if attempts > runtime.pool.max_deliveries:
         exc = AgentCrashed(
@@ -141,7 +157,7 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call, deadline: float | None
         )
         _fail(runtime, slot, call, "crashed", exc)
         raise exc
-    return True
+    return attempts
 
 
 def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -198,7 +214,7 @@ def _fail(
         setattr(exc, _REPORTED, True)
 
 
-def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool) -> None:
+def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool, agent_state: str = "idle") -> None:
     protocol.finish(
         runtime.scripts,
         call.task_id,
@@ -209,6 +225,7 @@ def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool
         slot.requests,
         ran,
         time.time(),
+        agent_state,
     )
 
 

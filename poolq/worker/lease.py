@@ -1,0 +1,154 @@
+"""The agent side of a lease: one agent serves one client's calls until release.
+
+A lease arrives as an ordinary call (so it waits its turn in the pool's
+queue, and a checkout timeout is the same promise as for a call). Once an
+agent claims it, the agent is marked ``leased`` and serves requests from the
+lease's private request list, replying on its reply list, until the client
+releases it or sends nothing for ``ttl`` seconds. Then ``reset()`` runs, or,
+when the lease ended broken (``release(broken=True)``, a call timeout, an
+unhealthy agent, an expired TTL), the agent is recycled: no dirty agent goes
+back to the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .. import protocol, registry
+from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
+from .host import AgentSlot
+
+logger = logging.getLogger("poolq.worker")
+
+_KINDS = {UnknownOperation: "unknown_operation", InvalidArguments: "invalid_arguments"}
+
+
+class _LeaseCallTimeout(BaseException):
+    """Raised by the alarm inside an operation that ran past its call_timeout."""
+
+
+def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str, bool]:
+    """Serve the lease until it ends; how it ended, and whether the agent must be recycled."""
+    state: redis.Redis = runtime.state
+    requests, replies = protocol.lease_requests_key(lease_id), protocol.lease_replies_key(lease_id)
+    try:
+        agent = runtime.host.ensure_ready(slot)
+    except AgentUnavailable as exc:
+        _push(state, replies, ttl, {"ended": "unavailable", "message": str(exc)})
+        return "unavailable", False
+    _set_state(state, slot, "leased", lease_id)
+    _push(state, replies, ttl, {"granted": slot.agent_id, "name": slot.name})
+    logger.info("agent %s leased (%s)", slot.name, lease_id)
+    ended, broken, served = "expired", True, slot.requests
+    try:
+        while True:
+            raw = _pop(state, requests, ttl)
+            if raw is None:
+                break  # the client sent nothing for ttl seconds: it is gone
+            request = json.loads(raw)
+            if "release" in request:
+                ended, broken = "released", bool(request.get("broken"))
+                break
+            reply, outcome = _run(runtime, slot, agent, request)
+            _push(state, replies, ttl, reply)
+            if outcome is not None:
+                ended, broken = outcome, True
+                _push(state, replies, ttl, {"ended": outcome})
+                break
+    finally:
+        state.delete(requests)
+        registry.count(state, runtime.pool.name, requests=slot.requests - served)
+    return ended, broken
+
+
+def _run(runtime: Any, slot: AgentSlot, agent: Any, request: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Run one request; the reply, and why the lease must end (or None)."""
+    seq = request["seq"]
+    try:
+        operation = agent.bind(request.get("op"), request.get("args", []), request.get("kwargs", {}))
+    except (UnknownOperation, InvalidArguments) as exc:
+        return {"seq": seq, **_error(_KINDS[type(exc)], exc, "")}, None
+    slot.requests += 1
+    slot.last_used_at = time.time()
+    try:
+        with _alarm(float(request.get("call_timeout") or 0)):
+            result = operation()
+        json.dumps(result, allow_nan=False)
+    except _LeaseCallTimeout:
+        timeout = CallTimeout(f"lease call {seq} ({request.get('op') or 'handle'}) ran past its call_timeout")
+        return {"seq": seq, **_error("call_timeout", timeout, "")}, "call_timeout"
+    except Exception as exc:
+        healthy = runtime.host.healthy(slot)
+        return {"seq": seq, **_error("agent", exc, None)}, None if healthy else "unhealthy"
+    return {"seq": seq, "ok": result}, None
+
+
+def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:
+    """Make a leased agent fit for the next caller: reset it, or recycle it when the lease ended broken."""
+    if broken:
+        runtime.host.recycle(slot, f"lease ended: {ended}")
+    else:
+        try:
+            if slot.agent is not None:
+                slot.agent.reset()
+        except Exception:
+            logger.exception("reset of agent %s failed", slot.name)
+            runtime.host.recycle(slot, "reset failed")
+    if slot.agent is not None:
+        _set_state(runtime.state, slot, "idle", "")
+    logger.info("lease of agent %s ended: %s", slot.name, ended)
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` (main thread only: prefork and solo workers)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(*_: Any) -> None:
+        raise _LeaseCallTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _error(kind: str, exc: BaseException, tb: str | None) -> dict[str, Any]:
+    return dict(json.loads(protocol.encode_error("", kind, exc, tb)))
+
+
+def _pop(state: redis.Redis, key: str, ttl: float) -> str | None:
+    deadline = time.monotonic() + ttl
+    while (left := deadline - time.monotonic()) > 0:
+        popped = state.blpop([key], timeout=min(left, protocol.BLOCK_SLICE))
+        if popped is not None:
+            return str(popped[1])
+    return None
+
+
+def _push(state: redis.Redis, key: str, ttl: float, document: dict[str, Any]) -> None:
+    pipe = state.pipeline(transaction=False)
+    pipe.rpush(key, json.dumps(document))
+    pipe.expire(key, int(ttl) + protocol.REPLY_TTL)
+    pipe.execute()
+
+
+def _set_state(state: redis.Redis, slot: AgentSlot, value: str, lease_id: str) -> None:
+    slot.state = value
+    key = protocol.agent_key(slot.agent_id)
+    if state.exists(key):
+        state.hset(key, mapping={"state": value, "lease": lease_id, "requests": slot.requests})
