@@ -10,7 +10,8 @@ Example::
 """
 
 from .agent import Agent, operation
-from .client import Client, Handle, call, cast, default_client, lease, status
+from .aio import AsyncClient, AsyncLease, acall, adrain, alease, amap
+from .client import Client, Handle, call, cast, default_client, drain, lease, map, status
 from .config import Config, PoolConfig, load_config
 from .errors import (
     AgentCrashed,
@@ -43,7 +44,15 @@ __all__ = [
     "cast",
     "lease",
     "Lease",
+    "map",
+    "drain",
     "status",
+    "acall",
+    "alease",
+    "amap",
+    "adrain",
+    "AsyncClient",
+    "AsyncLease",
     "PoolStatus",
     "AgentInfo",
     "NodeInfo",

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 from celery import Celery
 
+from .aio import Arguments
+from .client import Client
 from .config import Config, load_config
 from .errors import PoolqError
 from .status import PoolStatus
@@ -164,8 +166,6 @@ def call(
     config_path: str | None, pool: str, payload: str, op: str | None, timeout: float | None, call_timeout: float | None
 ) -> None:
     """Call POOL with PAYLOAD (a JSON object of keyword arguments) and print the JSON result."""
-    from .client import Client
-
     args, kwargs = _parse_payload(payload)
     result = Client(_config(config_path)).call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
     click.echo(json.dumps(result, ensure_ascii=False))
@@ -177,8 +177,6 @@ def cast(
     config_path: str | None, pool: str, payload: str, op: str | None, timeout: float | None, call_timeout: float | None
 ) -> None:
     """Send PAYLOAD to POOL without waiting; print the call's id (see `poolq result`)."""
-    from .client import Client
-
     args, kwargs = _parse_payload(payload)
     handle = Client(_config(config_path)).cast(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **kwargs)
     click.echo(handle.id)
@@ -190,10 +188,59 @@ def cast(
 @click.option("--timeout", type=float, help="Seconds to wait for the result [default: forever].")
 def result(config_path: str | None, call_id: str, timeout: float | None) -> None:
     """Wait for the result of the cast CALL_ID and print it as JSON."""
-    from .client import Client
-
     value = Client(_config(config_path)).handle(call_id).result(timeout=timeout)
     click.echo(json.dumps(value, ensure_ascii=False))
+
+
+@main.command(name="map")
+@CONFIG_OPTION
+@click.argument("pool")
+@click.argument("inputs", type=click.File("r"), default="-")
+@click.option("--op", help="Agent operation [default: handle].")
+@click.option("--concurrency", type=int, help="Calls in flight at once [default: twice the pool's agents].")
+@click.option("--timeout", type=float, help="Seconds each call may wait for a free agent [default: the pool's].")
+@click.option("--call-timeout", type=float, help="Seconds the agent may take per call [default: the pool's].")
+def map_command(
+    config_path: str | None,
+    pool: str,
+    inputs: IO[str],
+    op: str | None,
+    concurrency: int | None,
+    timeout: float | None,
+    call_timeout: float | None,
+) -> None:
+    """Call POOL once per line of INPUTS (JSON lines; default stdin) and print the results in order.
+
+    Each line is an object (keyword arguments) or an array (positional
+    arguments), as for `poolq call`. Each result line is the JSON result, or
+    {"error": ...} for a line that failed. A progress bar goes to stderr.
+    """
+    lines = [line for line in inputs.read().splitlines() if line.strip()]
+    items = [Arguments(*_parse_payload(line)) for line in lines]
+    with click.progressbar(length=len(items), label=f"poolq map {pool}", file=sys.stderr) as bar:
+        results = Client(_config(config_path)).map(
+            pool,
+            items,
+            op=op,
+            concurrency=concurrency,
+            timeout=timeout,
+            call_timeout=call_timeout,
+            return_exceptions=True,
+            on_progress=lambda done, total: bar.update(1),
+        )
+    results = [{"error": f"{type(r).__name__}: {r}"} if isinstance(r, PoolqError) else r for r in results]
+    for result in results:
+        click.echo(json.dumps(result, ensure_ascii=False))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool")
+@click.option("--timeout", type=float, help="Seconds to wait [default: forever].")
+def drain(config_path: str | None, pool: str, timeout: float | None) -> None:
+    """Wait until POOL's queue is empty and every agent idle."""
+    status = Client(_config(config_path)).drain(pool, timeout=timeout)
+    click.echo(render_status(status))
 
 
 @main.command()
@@ -202,8 +249,6 @@ def result(config_path: str | None, call_id: str, timeout: float | None) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(config_path: str | None, pool: str | None, as_json: bool) -> None:
     """Show each pool's state, counters and agents (or only POOL's)."""
-    from .client import Client
-
     client = Client(_config(config_path))
     names = [pool] if pool else list(client.config.pools)
     statuses = [client.status(name) for name in names]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -102,8 +102,8 @@ class Client:
             UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed.
         """
         config = self.config.pool(pool)
-        timeout = config.timeout if timeout is None else _positive("timeout", timeout)
-        call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
+        timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
+        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
         self.check_payload(config, args, kwargs)
         self.check_capacity(config, block)
         task_id = str(uuid.uuid4())
@@ -138,8 +138,8 @@ class Client:
         """
         config = self.config.pool(pool)
         if timeout is not None:
-            _positive("timeout", timeout)
-        call_timeout = config.call_timeout if call_timeout is None else _positive("call_timeout", call_timeout)
+            check_seconds("timeout", timeout)
+        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
         self.check_payload(config, args, kwargs)
         self.check_capacity(config, block)
         return Handle(self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=None), client=self)
@@ -154,6 +154,26 @@ class Client:
             block: ``False`` fails at once with ``PoolExhausted`` when no agent is free.
         """
         return Lease(self, pool, timeout=timeout, ttl=ttl, block=block)
+
+    def map(self, pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
+        """Call ``pool`` once per item, at most ``concurrency`` at a time; results in input order.
+
+        The options are those of :meth:`poolq.aio.AsyncClient.map`.
+        """
+        from .aio import run_sync
+
+        return list(run_sync(lambda aclient: aclient.map(pool, items, **options), self))
+
+    def drain(self, pool: str, timeout: float | None = None) -> PoolStatus:
+        """Wait until nothing waits in the pool's queue and no agent is busy or leased (quiescence).
+
+        Raises:
+            PoolqTimeout: not quiet within ``timeout`` seconds.
+        """
+        from .aio import run_sync
+
+        status: PoolStatus = run_sync(lambda aclient: aclient.drain(pool, timeout=timeout), self)
+        return status
 
     def status(self, pool: str) -> PoolStatus:
         """The pool's state, counters and agents across its worker nodes.
@@ -331,7 +351,8 @@ def remote_error(exc: BaseException, remote_traceback: str) -> PoolqError:
     return AgentError(name, message, remote_traceback)
 
 
-def _positive(name: str, value: float) -> float:
+def check_seconds(name: str, value: float) -> float:
+    """``value`` as float seconds; ValueError unless it is a positive number."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
     return float(value)
@@ -378,3 +399,13 @@ def cast(
 def lease(pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:
     """Hold one agent of ``pool`` for several calls (see :meth:`Client.lease`)."""
     return default_client().lease(pool, timeout=timeout, ttl=ttl, block=block)
+
+
+def map(pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
+    """Call ``pool`` once per item; results in input order (see :meth:`Client.map`)."""
+    return default_client().map(pool, items, **options)
+
+
+def drain(pool: str, timeout: float | None = None) -> PoolStatus:
+    """Wait for the pool's quiescence (see :meth:`Client.drain`)."""
+    return default_client().drain(pool, timeout=timeout)

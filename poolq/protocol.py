@@ -163,7 +163,7 @@ return 1
 """
 
 # KEYS: claim.  ARGV: claim ttl.  Returns 1 when the caller's expiry won.
-_EXPIRE = """
+EXPIRE_SCRIPT = """
 if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   return 1
@@ -187,7 +187,7 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self.claim = client.register_script(_CLAIM)
         self.takeover = client.register_script(_TAKEOVER)
-        self.expire = client.register_script(_EXPIRE)
+        self.expire = client.register_script(EXPIRE_SCRIPT)
         self.finish = client.register_script(_FINISH)
 
 

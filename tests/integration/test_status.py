@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
 
 from poolq import AgentError, names
 from poolq.testing import PoolFactory
+
+
+@contextmanager
+def count_commands(client: redis.Redis) -> Iterator[list[str]]:
+    """The Redis commands ``client`` sends inside the block."""
+    sent: list[str] = []
+    original = client.execute_command
+
+    def counting(*args: object, **options: object) -> object:
+        sent.append(str(args[0]))
+        return original(*args, **options)
+
+    client.execute_command = counting  # type: ignore[method-assign]
+    try:
+        yield sent
+    finally:
+        del client.execute_command
 
 
 def test_counters_and_agents_are_exact_after_a_scripted_run(
@@ -81,3 +102,25 @@ def test_status_command(poolq_pools: PoolFactory, poolq_broker: str) -> None:
         [sys.executable, "-m", "poolq", "status", "--json"], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(as_json)[0]["agents"][0]["name"] == agent.name
+
+
+def test_status_costs_one_round_trip_whatever_the_agent_count(poolq_pools: PoolFactory, poolq_broker: str) -> None:
+    small = poolq_pools.start(
+        "few", "tests.agents:Probe", size=2, worker_pool="threads", options={"redis_url": poolq_broker}
+    )
+    large = poolq_pools.start(
+        "many", "tests.agents:Probe", size=20, worker_pool="threads", options={"redis_url": poolq_broker}
+    )
+    for pool, name in ((small, "few"), (large, "many")):
+        pool.client.status(name)  # scripts loaded, connection open
+        with count_commands(pool.client.state) as sent:
+            status = pool.client.status(name)
+        assert len(status.agents) == (2 if name == "few" else 20)
+        assert len(sent) == 1, sent
+
+    timings = []
+    for _ in range(200):
+        started = time.perf_counter()
+        large.client.status("many")
+        timings.append(time.perf_counter() - started)
+    print(f"\nstatus() with 20 agents: p50 {statistics.median(timings) * 1000:.2f}ms")
