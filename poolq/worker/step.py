@@ -111,6 +111,25 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             runtime.uninstall()
         self.beacon.stop()
 
+    def info(self, worker: Any) -> dict[str, Any]:
+        """This node's agents, for `celery inspect stats` and Flower's worker page ("Other")."""
+        if self.pool is None:
+            return {}
+        try:
+            records = registry.snapshot(self.beacon.state, self.pool.name).agents
+        except redis.RedisError:
+            return {}
+        agents = {
+            r.get("name", r["id"]): {
+                "pid": int(r.get("pid", 0)),
+                "state": r.get("state"),
+                "requests": r.get("requests"),
+            }
+            for r in records
+            if r.get("node") == worker.hostname
+        }
+        return {"poolq": {"pool": self.pool.name, "agents": agents}}
+
 
 class NodeBeacon:
     """The worker node's own registry record: starting, then ready once it consumes."""

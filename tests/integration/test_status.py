@@ -124,3 +124,12 @@ def test_status_costs_one_round_trip_whatever_the_agent_count(poolq_pools: PoolF
         large.client.status("many")
         timings.append(time.perf_counter() - started)
     print(f"\nstatus() with 20 agents: p50 {statistics.median(timings) * 1000:.2f}ms")
+
+
+def test_agent_names_are_celery_worker_metadata(poolq_pools: PoolFactory, poolq_broker: str) -> None:
+    pool = poolq_pools.start("inspected", "tests.agents:Probe", size=2, options={"redis_url": poolq_broker})
+    node = pool.workers[0].node
+    stats = pool.client.app.control.inspect(destination=[node], timeout=5).stats()
+    agents = stats[node]["poolq"]["agents"]
+    assert set(agents) == {a.name for a in pool.client.status("inspected").agents}
+    assert all(info["state"] == "idle" for info in agents.values())
