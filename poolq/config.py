@@ -65,6 +65,24 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 DEFAULT_MAX_DELIVERIES = 3
 #: Seconds an overflow agent may sit idle before it retires.
 DEFAULT_OVERFLOW_IDLE = 30.0
+#: Utilization above which beat scales a pool up.
+DEFAULT_SCALE_UP_AT = 0.8
+#: Utilization below which (with nothing waiting) beat scales a pool down.
+DEFAULT_SCALE_DOWN_AT = 0.2
+#: Seconds a pool must stay underused before it scales down (and between two scale-downs).
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: Seconds between two maintenance runs of a pool.
+DEFAULT_MAINTENANCE_INTERVAL = 10.0
+#: Fraction by which max_requests and max_age are lowered at random per agent, so agents do not recycle together.
+DEFAULT_RECYCLE_JITTER = 0.1
+#: Seconds between health checks of an idle agent.
+DEFAULT_HEALTH_INTERVAL = 30.0
+#: Failed setups within the breaker window that mark a pool degraded.
+DEFAULT_BREAKER_FAILURES = 3
+#: Seconds over which failed setups count.
+DEFAULT_BREAKER_WINDOW = 60.0
+#: Seconds a degraded pool fails calls fast before it lets them try again (half-open).
+DEFAULT_BREAKER_RESET = 30.0
 #: Seconds a cast's result stays readable by id.
 DEFAULT_RESULT_EXPIRES = 24 * 3600
 
@@ -94,15 +112,50 @@ class PoolConfig(_Model):
     max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
     requires: tuple[str, ...] = ()
     options: dict[str, Any] = Field(default_factory=dict)
+    # Autoscaling by beat: the base size of each node moves between these bounds.
+    min_size: int = Field(default=0, ge=0, description="default: size")
+    max_size: int = Field(default=0, ge=0, description="default: size")
+    scale_up_at: float = Field(default=DEFAULT_SCALE_UP_AT, gt=0, le=1)
+    scale_down_at: float = Field(default=DEFAULT_SCALE_DOWN_AT, ge=0, lt=1)
+    scale_up_cooldown: float = Field(default=0.0, ge=0, description="default: maintenance_interval")
+    idle_timeout: float = Field(default=DEFAULT_IDLE_TIMEOUT, gt=0)
+    maintenance_interval: float = Field(default=DEFAULT_MAINTENANCE_INTERVAL, gt=0)
+    # Recycling: replace an agent after so many calls, so long, so much memory.
+    max_requests: int | None = Field(default=None, ge=1)
+    max_age: float | None = Field(default=None, gt=0)
+    max_memory_mb: float | None = Field(default=None, gt=0)
+    recycle_jitter: float = Field(default=DEFAULT_RECYCLE_JITTER, ge=0, lt=1)
+    health_interval: float = Field(default=DEFAULT_HEALTH_INTERVAL, gt=0)
+    # Circuit breaker: so many failed setups within the window open it.
+    breaker_failures: int = Field(default=DEFAULT_BREAKER_FAILURES, ge=1)
+    breaker_window: float = Field(default=DEFAULT_BREAKER_WINDOW, gt=0)
+    breaker_reset: float = Field(default=DEFAULT_BREAKER_RESET, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounds_default_to_size(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            size = data.get("size", 1)
+            data = {**data}
+            data.setdefault("min_size", size)
+            data.setdefault("max_size", size)
+        return data
 
     @model_validator(mode="after")
-    def _overflow_needs_processes(self) -> PoolConfig:
-        if self.max_overflow and self.worker_pool != "prefork":
+    def _check_sizes(self) -> PoolConfig:
+        if not self.min_size <= self.size <= self.max_size:
+            raise ValueError(f"need min_size <= size <= max_size, got {self.min_size} / {self.size} / {self.max_size}")
+        if (self.max_overflow or self.min_size != self.max_size) and self.worker_pool != "prefork":
             raise ValueError(
-                f"max_overflow needs worker_pool = 'prefork' (overflow agents are extra processes), "
-                f"not {self.worker_pool!r}"
+                "max_overflow and autoscaling (min_size < max_size) need worker_pool = 'prefork' "
+                f"(extra agents are extra processes), not {self.worker_pool!r}"
             )
         return self
+
+    @property
+    def up_cooldown(self) -> float:
+        """Seconds between two scale-ups (default: one maintenance interval)."""
+        return self.scale_up_cooldown or self.maintenance_interval
 
     @property
     def queue(self) -> str:
@@ -117,7 +170,7 @@ class PoolConfig(_Model):
     @property
     def concurrency(self) -> int:
         """Agents one worker node of this pool runs at most."""
-        return self.size + self.max_overflow
+        return self.max_size + self.max_overflow
 
 
 class ProjectConfig(_Model):

@@ -90,3 +90,7 @@ class AgentCrashed(AgentError):
 
 class AgentUnavailable(PoolqError):
     """The agent could not be set up, so the call was not run."""
+
+
+class PoolDegraded(AgentUnavailable):
+    """The pool's agents keep failing to set up (circuit breaker open); the call was not sent."""

@@ -63,6 +63,7 @@ _ERROR_KINDS: dict[str, type[errors.PoolqError]] = {
     "call_timeout": errors.CallTimeout,
     "checkout_timeout": errors.CheckoutTimeout,
     "unavailable": errors.AgentUnavailable,
+    "degraded": errors.PoolDegraded,
     "invalid_payload": errors.InvalidPayload,
     "lease_lost": errors.LeaseLost,
 }

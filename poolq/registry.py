@@ -172,20 +172,43 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+# KEYS: records.  ARGV: ttl, then field/value pairs for every record.
+# Refreshes each live record; returns the keys that had vanished.
+_BEAT = """
+local missing = {}
+for _, key in ipairs(KEYS) do
+  if redis.call('EXPIRE', key, ARGV[1]) == 1 then
+    if #ARGV > 1 then redis.call('HSET', key, unpack(ARGV, 2)) end
+  else
+    table.insert(missing, key)
+  end
+end
+return missing
+"""
+
+
 class Heartbeat:
     """A daemon thread that keeps records alive while their process lives.
 
     Every :data:`HEARTBEAT_INTERVAL` it refreshes the TTL of each key that
-    ``keys()`` returns, and calls ``republish(key)`` for a record that vanished
-    (for example after the state Redis restarted).
+    ``keys()`` returns and writes ``fields()`` into them (in one round trip),
+    calls ``republish(key)`` for a record that vanished (for example after the
+    state Redis restarted), then calls ``after()``.
     """
 
     def __init__(
-        self, client: redis.Redis, keys: Callable[[], Iterable[str]], republish: Callable[[str], None]
+        self,
+        client: redis.Redis,
+        keys: Callable[[], Iterable[str]],
+        republish: Callable[[str], None],
+        fields: Callable[[], Mapping[str, Any]] | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._keys = keys
         self._republish = republish
+        self._fields = fields
+        self._after = after
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poolq-heartbeat", daemon=True)
 
@@ -199,14 +222,58 @@ class Heartbeat:
         while not self._stopping.wait(HEARTBEAT_INTERVAL):
             try:
                 keys = list(self._keys())
-                pipe = self._client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.expire(key, int(HEARTBEAT_TTL))
-                for key, alive in zip(keys, pipe.execute(), strict=True):
-                    if not alive:
-                        self._republish(key)
+                extra = [item for k, v in (self._fields() if self._fields else {}).items() for item in (k, _flat(v))]
+                for key in self._client.eval(_BEAT, len(keys), *keys, int(HEARTBEAT_TTL), *extra):
+                    self._republish(str(key))
             except redis.RedisError:
                 logger.warning("heartbeat to the registry failed", exc_info=True)
+            if self._after is not None:
+                try:
+                    self._after()
+                except Exception:
+                    logger.exception("heartbeat hook failed")
+
+
+# KEYS: failures zset, stats hash.  ARGV: now, window, threshold, reset, error, member.
+# Records a failed setup; opens the breaker when the window holds threshold failures.
+_SETUP_FAILED = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
+redis.call('HSET', KEYS[2], 'last_setup_error', ARGV[5])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[2], 'breaker', 'open', 'breaker_until', tonumber(ARGV[1]) + tonumber(ARGV[4]),
+             'breaker_error', ARGV[5])
+  return 1
+end
+return 0
+"""
+
+
+def failures_key(pool: str) -> str:
+    return f"poolq:pool:{pool}:setup_failures"
+
+
+def setup_failed(
+    client: redis.Redis, pool: str, error: str, now: float, window: float, threshold: int, reset: float, member: str
+) -> bool:
+    """Count a failed setup; True when the pool's circuit breaker is (now) open."""
+    return bool(
+        client.eval(_SETUP_FAILED, 2, failures_key(pool), stats_key(pool), now, window, threshold, reset, error, member)
+    )
+
+
+def setup_succeeded(client: redis.Redis, pool: str) -> None:
+    """A setup worked: close the breaker and forget the failures."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(stats_key(pool), "breaker", "closed")
+    pipe.delete(failures_key(pool))
+    pipe.execute()
+
+
+def breaker_open(stats: Mapping[str, str], now: float) -> bool:
+    """Whether the pool's breaker is open (failing calls fast) at ``now``; past its reset time it is half-open."""
+    return stats.get("breaker") == "open" and now < float(stats.get("breaker_until") or 0)
 
 
 def is_alive(client: redis.Redis, agent_id: str) -> bool:

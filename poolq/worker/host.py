@@ -5,16 +5,28 @@ one agent per thread and hands them out by the pool's strategy (``lifo``
 reuses the most recently used agent, ``fifo`` rotates through all of them).
 
 The host builds its agents when the process starts, before the process takes
-work, publishes their state to the registry, keeps their heartbeat, and tears
-them down on recycle and on shutdown.
+work, publishes their state to the registry, keeps their heartbeat (with the
+process's current memory), checks their health, recycles them when a limit is
+reached, and tears them down on shutdown.
+
+Recycling in place (teardown, then setup, in the same process and thread that
+runs the calls, so thread-bound agents stay valid) happens right after the
+call that crossed a limit, while Celery still counts the process busy and
+gives it no work. Memory that teardown does not give back cannot be recycled
+in place: the agent is marked for replacement, and the node's scaler replaces
+the whole process (see :mod:`poolq.worker.scaler`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import importlib.util
 import logging
+import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -24,20 +36,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import psutil
 import redis
+from billiard.pool import SIG_SOFT_TIMEOUT
 from billiard.process import current_process
 
 from .. import names, registry
 from ..agent import Agent
 from ..config import PoolConfig
 from ..errors import AgentUnavailable, ConfigError
+from ..policy import jittered
 from ..protocol import agent_key
 
 logger = logging.getLogger("poolq.worker")
 
-#: Seconds before a failed setup is tried again (doubles up to the maximum).
+#: Seconds before a failed setup is tried again (doubles up to the pool's breaker_reset).
 SETUP_RETRY_MIN = 1.0
-SETUP_RETRY_MAX = 60.0
 
 
 def load_agent_class(pool: PoolConfig) -> type[Agent]:
@@ -60,6 +74,15 @@ def load_agent_class(pool: PoolConfig) -> type[Agent]:
     return cls
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MB.
+
+    Not ``ru_maxrss`` (what Celery's ``max_memory_per_child`` reads): that is
+    the peak, which never falls, and a forked child inherits its parent's.
+    """
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
 @dataclass
 class AgentSlot:
     """One agent and its bookkeeping."""
@@ -73,6 +96,9 @@ class AgentSlot:
     setups: int = 0
     started_at: float = field(default_factory=time.time)
     last_used_at: float = 0.0
+    health_checked_at: float = 0.0
+    requests_limit: float = math.inf
+    age_limit: float = math.inf
     setup_error: str = ""
     retry_at: float = 0.0
     retry_delay: float = SETUP_RETRY_MIN
@@ -98,7 +124,13 @@ class AgentHost:
         self._free: deque[AgentSlot] = deque()
         self._cond = threading.Condition()
         by_key = {agent_key(slot.agent_id): slot for slot in self.slots}
-        self._heartbeat = registry.Heartbeat(state, keys=by_key.keys, republish=lambda key: self._publish(by_key[key]))
+        self._heartbeat = registry.Heartbeat(
+            state,
+            keys=by_key.keys,
+            republish=lambda key: self._publish(by_key[key]),
+            fields=lambda: {"rss_mb": round(rss_mb(), 1)},
+            after=self._check_idle_health,
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -154,14 +186,65 @@ class AgentHost:
                 self._free.append(slot)
                 self._cond.notify()
 
+    def ensure_ready(self, slot: AgentSlot) -> Agent:
+        """The slot's agent, healthy: set up again if its last setup failed long enough
+        ago, recycled first if it failed its health check.
+
+        Raises:
+            AgentUnavailable: setup failed and may not be retried yet, or failed again.
+        """
+        if slot.agent is not None:
+            due = time.monotonic() - slot.health_checked_at >= self.pool.health_interval
+            if slot.state == "unhealthy" or (due and not self.healthy(slot)):
+                self.recycle(slot, "failed health check")
+        elif time.monotonic() >= slot.retry_at:
+            self._setup(slot)
+        if slot.agent is None:
+            raise AgentUnavailable(f"agent {slot.name} is unavailable: setup failed: {slot.setup_error}")
+        return slot.agent
+
+    def healthy(self, slot: AgentSlot) -> bool:
+        """Ask the slot's agent whether it can take more work (a raising check says no)."""
+        slot.health_checked_at = time.monotonic()
+        if slot.agent is None:
+            return False
+        try:
+            return bool(slot.agent.healthy())
+        except Exception:
+            logger.exception("health check of agent %s raised", slot.name)
+            return False
+
+    def after_call(self, slot: AgentSlot) -> None:
+        """Recycle the agent now if the call just made it reach a limit (requests, age, memory)."""
+        if slot.agent is None:
+            return
+        if slot.requests >= slot.requests_limit:
+            self.recycle(slot, f"{slot.requests} requests (max_requests {self.pool.max_requests})")
+        elif time.time() - slot.started_at >= slot.age_limit:
+            self.recycle(slot, f"age over max_age {self.pool.max_age:g}s")
+        elif self.pool.max_memory_mb is not None and rss_mb() > self.pool.max_memory_mb:
+            self.recycle(slot, f"memory {rss_mb():.0f} MB over max_memory_mb {self.pool.max_memory_mb:g}")
+
     def recycle(self, slot: AgentSlot, reason: str) -> None:
-        """Replace the slot's agent by a fresh one (teardown, then setup)."""
+        """Replace the slot's agent by a fresh one in place (teardown, then setup).
+
+        Runs inside the current call, after its reply went out, with Celery's
+        soft time limit held off: the setup is not part of the call.
+        """
         logger.info("recycling agent %s: %s", slot.name, reason)
         slot.state = "recycling"
         self._publish(slot)
-        self._teardown(slot)
-        self._count(recycles=1)
-        self._setup(slot)
+        with _soft_time_limit_held():
+            self._teardown(slot)
+            self._count(recycles=1)
+            memory = self.pool.max_memory_mb
+            if memory is not None:
+                gc.collect()
+                if rss_mb() > memory:
+                    # Teardown did not give the memory back: only a new process will.
+                    logger.warning("agent %s: %.0f MB after teardown; asking for a new process", slot.name, rss_mb())
+                    self._mark_for_replacement(slot, f"memory over {memory:g} MB after teardown")
+            self._setup(slot)
 
     # -- internals ---------------------------------------------------------
 
@@ -176,43 +259,47 @@ class AgentHost:
             slot.state = "failed"
             slot.setup_error = f"{type(exc).__name__}: {exc}"
             slot.retry_at = time.monotonic() + slot.retry_delay
-            slot.retry_delay = min(slot.retry_delay * 2, SETUP_RETRY_MAX)
-            logger.error("setup of agent %s failed:\n%s", slot.agent_id, traceback.format_exc())
+            slot.retry_delay = min(slot.retry_delay * 2, self.pool.breaker_reset)
+            logger.error("setup of agent %s failed:\n%s", slot.name, traceback.format_exc())
+            self._record_setup(slot, ok=False)
         else:
             slot.agent = agent
             slot.state = "idle"
             slot.setups += 1
             slot.started_at = time.time()
+            slot.health_checked_at = time.monotonic()
             slot.setup_error = ""
             slot.retry_delay = SETUP_RETRY_MIN
+            incarnation = f"{slot.agent_id}#{slot.setups}"
+            if self.pool.max_requests is not None:
+                slot.requests_limit = slot.requests + math.ceil(
+                    jittered(self.pool.max_requests, self.pool.recycle_jitter, incarnation)
+                )
+            if self.pool.max_age is not None:
+                slot.age_limit = jittered(self.pool.max_age, self.pool.recycle_jitter, incarnation)
             self._count(spawned=1)
+            self._record_setup(slot, ok=True)
             logger.info("agent %s ready in %.2fs", slot.name, time.monotonic() - started)
         self._publish(slot)
 
-    def healthy(self, slot: AgentSlot) -> bool:
-        """Ask the slot's agent whether it can take more work (a raising check says no)."""
-        if slot.agent is None:
-            return False
+    def _record_setup(self, slot: AgentSlot, ok: bool) -> None:
+        pool = self.pool
         try:
-            return bool(slot.agent.healthy())
-        except Exception:
-            logger.exception("health check of agent %s raised", slot.agent_id)
-            return False
-
-    def ensure_ready(self, slot: AgentSlot) -> Agent:
-        """The slot's agent, set up again if its last setup failed long enough ago.
-
-        Raises:
-            AgentUnavailable: setup failed and may not be retried yet, or failed again.
-        """
-        if slot.agent is not None:
-            return slot.agent
-        if time.monotonic() < slot.retry_at:
-            raise AgentUnavailable(f"agent {slot.agent_id} is unavailable: setup failed: {slot.setup_error}")
-        self._setup(slot)
-        if slot.agent is None:
-            raise AgentUnavailable(f"agent {slot.agent_id} is unavailable: setup failed: {slot.setup_error}")
-        return slot.agent
+            if ok:
+                registry.setup_succeeded(self.state, pool.name)
+            elif registry.setup_failed(
+                self.state,
+                pool.name,
+                slot.setup_error,
+                time.time(),
+                pool.breaker_window,
+                pool.breaker_failures,
+                pool.breaker_reset,
+                member=f"{slot.agent_id}#{time.time()}",
+            ):
+                logger.error("pool %s is degraded: setup keeps failing (%s)", pool.name, slot.setup_error)
+        except redis.RedisError:
+            logger.warning("could not record the setup of %s", slot.name, exc_info=True)
 
     def _teardown(self, slot: AgentSlot) -> None:
         agent, slot.agent = slot.agent, None
@@ -223,6 +310,32 @@ class AgentHost:
         except Exception:
             logger.exception("teardown of agent %s failed", slot.name)
         self._count(terminated=1)
+
+    def _check_idle_health(self) -> None:
+        """In the heartbeat thread: check agents that sat idle past health_interval."""
+        for slot in self.slots:
+            if slot.agent is None or time.monotonic() - slot.health_checked_at < self.pool.health_interval:
+                continue
+            with self._cond:
+                if slot not in self._free:
+                    continue  # busy: it is checked before its next call
+                self._free.remove(slot)
+            try:
+                if not self.healthy(slot):
+                    logger.warning("agent %s failed its health check while idle", slot.name)
+                    slot.state = "unhealthy"
+                    self._mark_for_replacement(slot, "failed health check")
+            finally:
+                with self._cond:
+                    self._free.append(slot)
+                    self._cond.notify()
+
+    def _mark_for_replacement(self, slot: AgentSlot, reason: str) -> None:
+        self._publish(slot)
+        try:
+            self.state.hset(agent_key(slot.agent_id), "replace", reason)
+        except redis.RedisError:
+            logger.warning("could not mark %s for replacement", slot.name, exc_info=True)
 
     def _count(self, **increments: int) -> None:
         try:
@@ -248,3 +361,16 @@ class AgentHost:
             registry.publish(self.state, self.pool.name, slot.agent_id, fields)
         except redis.RedisError:
             logger.warning("could not publish %s to the registry", slot.agent_id, exc_info=True)
+
+
+@contextlib.contextmanager
+def _soft_time_limit_held() -> Iterator[None]:
+    """Ignore Celery's soft time limit signal inside the block (main thread only)."""
+    if SIG_SOFT_TIMEOUT is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(SIG_SOFT_TIMEOUT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(SIG_SOFT_TIMEOUT, previous)

@@ -22,7 +22,15 @@ from celery.utils.time import maybe_iso8601
 
 from .. import protocol, registry
 from ..config import Config, PoolConfig
-from ..errors import AgentCrashed, AgentUnavailable, CallTimeout, CheckoutTimeout, InvalidArguments, UnknownOperation
+from ..errors import (
+    AgentCrashed,
+    AgentUnavailable,
+    CallTimeout,
+    CheckoutTimeout,
+    InvalidArguments,
+    PoolDegraded,
+    UnknownOperation,
+)
 from . import lease
 from .host import AgentHost, AgentSlot
 
@@ -109,6 +117,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 ended, broken = lease.serve(runtime, slot, call.lease, call.lease_ttl)
                 _finish(runtime, slot, call, "", ran=False, agent_state="recycling" if broken else "idle")
                 lease.end(runtime, slot, ended, broken)
+                runtime.host.after_call(slot)
                 return {"lease": call.lease, "ended": ended}
             return _invoke(runtime, slot, call, list(args), kwargs)
         except Ignore:
@@ -165,6 +174,11 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         agent = runtime.host.ensure_ready(slot)
         operation = agent.bind(call.op, args, kwargs)
     except AgentUnavailable as exc:
+        stats = {str(k): str(v) for k, v in runtime.state.hgetall(registry.stats_key(runtime.pool.name)).items()}
+        if registry.breaker_open(stats, time.time()):
+            degraded = PoolDegraded(f"pool {runtime.pool.name!r} is degraded: {stats.get('breaker_error', exc)}")
+            _fail(runtime, slot, call, "degraded", degraded)
+            raise degraded from None
         _fail(runtime, slot, call, "unavailable", exc)
         raise
     except UnknownOperation as exc:
@@ -189,14 +203,20 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         # An agent that raised stays in service unless its health says otherwise.
         if not runtime.host.healthy(slot):
             runtime.host.recycle(slot, f"unhealthy after {type(exc).__name__}")
+        else:
+            runtime.host.after_call(slot)
         raise
     try:
         reply = protocol.encode_result(call.task_id, result)
     except (TypeError, ValueError) as exc:
         error = TypeError(f"{call.op or 'handle'}() returned a value that is not plain JSON: {exc}")
         _fail(runtime, slot, call, "agent", error, ran=True)
+        runtime.host.after_call(slot)
         raise error from None
     _finish(runtime, slot, call, reply, ran=True)
+    # Busy agents recycle right after the call that reached a limit, before the
+    # process takes more work (the reply is already on its way).
+    runtime.host.after_call(slot)
     return result
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.worker.control import control_command
 
 from .. import protocol, queues, registry
 from ..app import PROCESS_START_MARGIN
@@ -33,7 +34,7 @@ from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from . import runtime
 from .host import load_agent_class
-from .overflow import TICK, OverflowController
+from .scaler import TICK, NodeScaler
 
 logger = logging.getLogger("poolq.worker")
 
@@ -92,17 +93,19 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.beacon.start()
         if self.pool_type == "threads":
             runtime.install(runtime.Runtime.create(config, pool, node, slots=worker.concurrency))
-        if pool.max_overflow:
+        if self.pool_type == "prefork":
+            global _scaler
             app = worker.app
-            controller = OverflowController(
+            _scaler = NodeScaler(
                 worker,
                 pool,
                 node,
                 self.beacon.state,
+                base=worker.concurrency,
                 waiting=lambda: queues.depth(app, config, pool),
                 on_change=self.beacon.set_processes,
             )
-            worker.timer.call_repeatedly(TICK, controller.tick)
+            worker.timer.call_repeatedly(TICK, _scaler.tick)
 
     def stop(self, worker: Any) -> None:
         if self.pool is None:
@@ -181,6 +184,16 @@ class NodeBeacon:
 
 
 _beacon: NodeBeacon | None = None
+_scaler: NodeScaler | None = None
+
+
+@control_command(args=[("pool", str)], signature="<pool>")
+def poolq_sync(state: Any, pool: str = "", **_: Any) -> dict[str, str]:
+    """Remote control: re-read the pool's base size and replace marks now (sent by maintenance)."""
+    if _scaler is None or (pool and _scaler.pool.name != pool):
+        return {"ok": "nothing to sync here"}
+    _scaler.next_sync = 0.0  # the scaler syncs on its next tick, in the event loop
+    return {"ok": f"{_scaler.pool.name} will sync"}
 
 
 @worker_ready.connect

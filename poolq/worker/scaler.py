@@ -1,0 +1,195 @@
+"""The node scaler: how many agent processes a prefork worker node runs, and which.
+
+It runs in the worker's event loop (like Celery's autoscaler and its
+``pool_grow`` / ``pool_shrink`` control commands) and keeps the node at
+
+    base  (set by beat's maintenance, between min_size and max_size)
+    + overflow (0 .. max_overflow, while every agent is busy and calls wait)
+
+Why not Celery's ``--autoscale``: it grows on the tasks a node has reserved,
+and with prefetch 1 and late acks a busy node reserves nothing more, so it
+never sees the backlog. The scaler looks at the queue instead.
+
+It also replaces agents that maintenance marked (too old, too much memory,
+unhealthy, failed): it first grows the pool by one process, whose agent is
+warm before it takes work, and only then retires the marked process, and only
+while that process is idle (Celery has written it no job), so no call is lost
+or run twice. One replacement at a time per node.
+
+It converges on the registry (the base size and the replace marks), every
+:data:`SYNC_INTERVAL` seconds and whenever maintenance sends the
+``poolq_sync`` remote-control command.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery.worker import state as worker_state
+
+from .. import registry
+from ..config import PoolConfig
+
+logger = logging.getLogger("poolq.worker")
+
+#: Seconds between two checks of the node's load.
+TICK = 0.25
+#: Seconds between two reads of the registry (base size, replace marks).
+SYNC_INTERVAL = 2.0
+
+
+@dataclass
+class _Replacement:
+    pid: int
+    agent_id: str
+    reason: str
+    grown: bool = False
+
+
+class NodeScaler:
+    """Sizes one prefork worker node and replaces its marked agents."""
+
+    def __init__(
+        self,
+        worker: Any,
+        pool: PoolConfig,
+        node: str,
+        state: redis.Redis,
+        base: int,
+        waiting: Callable[[], int],
+        on_change: Callable[[int], None],
+    ) -> None:
+        self.worker = worker
+        self.pool = pool
+        self.node = node
+        self.state = state
+        self.base = base
+        self.waiting = waiting
+        self.on_change = on_change
+        self.last_needed = time.monotonic()
+        self.next_sync = 0.0
+        self.replacing: _Replacement | None = None
+
+    def tick(self) -> None:
+        try:
+            now = time.monotonic()
+            if now >= self.next_sync:
+                self.sync()
+            self.step(now)
+        except Exception:
+            logger.exception("node scaler step failed")
+
+    def sync(self) -> None:
+        """Read the base size and the replace marks of this node's agents from the registry."""
+        self.next_sync = time.monotonic() + SYNC_INTERVAL
+        snap = registry.snapshot(self.state, self.pool.name)
+        scaled = snap.stats.get("scaled_size")
+        if scaled:
+            self.base = min(max(int(scaled), self.pool.min_size), self.pool.max_size)
+        if self.replacing is None:
+            for record in snap.agents:
+                if record.get("node") == self.node and record.get("replace"):
+                    self.replacing = _Replacement(int(record.get("pid", 0)), record["id"], record["replace"])
+                    logger.info("replacing agent %s: %s", record.get("name", record["id"]), record["replace"])
+                    break
+
+    def step(self, now: float) -> None:
+        pool = self.worker.pool
+        processes = int(pool.num_processes)
+        if self.replacing is not None:
+            self._replace_step(processes)
+            return
+        active = len(worker_state.active_requests)
+        if active > self.base:
+            self.last_needed = now
+        starting = self._starting()
+        if processes < self.base and not starting:
+            self._resize(+1, processes, f"base size {self.base}")
+        elif processes < self.base + self.pool.max_overflow and active >= processes and not starting:
+            waiting = self.waiting()
+            if waiting > 0:
+                self._resize(+1, processes, f"all {processes} agents busy and {waiting} calls waiting")
+                self.last_needed = now
+        elif processes > self.base and active < processes and now - self.last_needed > self._idle_before_shrink():
+            self._resize(-1, processes, f"above base size {self.base} and idle")
+            self.last_needed = now  # one process at a time
+
+    def _idle_before_shrink(self) -> float:
+        return self.pool.overflow_idle if self.pool.max_overflow else 0.0
+
+    def _replace_step(self, processes: int) -> None:
+        job = self.replacing
+        assert job is not None
+        if not job.grown:
+            if not self._starting():
+                self._grow()
+                job.grown = True
+            return
+        if self._starting():
+            return  # the replacement is not warm yet
+        retired = self._retire(job.pid)
+        if retired is None:
+            return  # busy: retire it after its call
+        self._update_prefetch(-1)
+        self.replacing = None
+        if retired:
+            registry.count(self.state, self.pool.name, recycles=1)
+            logger.info("agent %s replaced (%s)", job.agent_id, job.reason)
+
+    def _resize(self, delta: int, before: int, reason: str) -> None:
+        if delta > 0:
+            self._grow()
+        else:
+            try:
+                self.worker.pool.shrink(1)
+            except ValueError:  # billiard: every process busy, nothing to shrink
+                return
+            self._update_prefetch(-1)
+        after = before + delta
+        direction = "up" if delta > 0 else "down"
+        logger.info("node %s: %s from %d to %d agents (%s)", self.node, direction, before, after, reason)
+        self.on_change(after)
+        try:
+            registry.record_scale(self.state, self.pool.name, direction, before, after, reason, time.time(), self.node)
+        except redis.RedisError:
+            logger.warning("could not record the scale event", exc_info=True)
+
+    def _grow(self) -> None:
+        self.worker.pool.grow(1)
+        # billiard starts the new process at its next pool maintenance, which
+        # Celery runs every 5 s; start it now.
+        self.worker.pool._pool.maintain_pool()
+        self._update_prefetch(+1)
+
+    def _update_prefetch(self, delta: int) -> None:
+        self.worker.consumer._update_prefetch_count(delta)
+
+    def _starting(self) -> bool:
+        # AsynPool keeps the processes that have not yet sent their "up"
+        # message (their agent is still setting up) in _waiting_to_start.
+        return bool(getattr(self.worker.pool._pool, "_waiting_to_start", ()))
+
+    def _retire(self, pid: int) -> bool | None:
+        """Stop process ``pid`` if it is idle: True done, False already gone, None busy (try again).
+
+        This is billiard's ``shrink`` aimed at one process: Celery's pool only
+        offers to shrink "some idle process".
+        """
+        pool = self.worker.pool._pool
+        process = next((p for p in pool._pool if p.pid == pid), None)
+        if process is None:
+            pool._processes -= 1  # it died on its own: do not replace it twice
+            return False
+        if process.inqW_fd in pool._busy_workers or pool._worker_active(process):
+            return None
+        pool._processes -= 1
+        if pool._putlock:
+            pool._putlock.shrink()
+        process.terminate_controlled()
+        pool.on_shrink(1)
+        return True
