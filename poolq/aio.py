@@ -137,6 +137,7 @@ class AsyncClient:
         timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
         call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
         self.client.check_payload(config, args, kwargs)
+        self.client.check_breaker(config)  # a Redis read at most once a second
         if not block or config.max_waiting is not None:
             await self._in_thread(self.client.check_capacity, config, block)
         mailbox = self._mailbox()

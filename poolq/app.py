@@ -15,6 +15,11 @@ from kombu.entity import Queue
 
 from .config import Config, PoolConfig, load_config
 
+#: The queue that carries maintenance; only the maintenance worker consumes it.
+CONTROL_QUEUE = "poolq.control"
+#: The Celery task name of a maintenance run.
+MAINTAIN_TASK = "poolq.maintain"
+
 #: Seconds the broker waits for an ack before it redelivers a message (Redis
 #: transport). poolq's claims keep a redelivered call from running twice.
 VISIBILITY_TIMEOUT = 3600
@@ -25,6 +30,19 @@ PROCESS_START_MARGIN = 10.0
 def celery_settings(config: Config) -> dict[str, Any]:
     """The Celery configuration for ``config``."""
     queues = [Queue(pool.queue, routing_key=pool.queue) for pool in config.pools.values()]
+    queues.append(Queue(CONTROL_QUEUE, routing_key=CONTROL_QUEUE))
+    routes = {pool.task_name: {"queue": pool.queue, "routing_key": pool.queue} for pool in config.pools.values()}
+    routes[MAINTAIN_TASK] = {"queue": CONTROL_QUEUE, "routing_key": CONTROL_QUEUE}
+    # Beat sends each pool's maintenance; a run beat could not deliver in time expires unrun.
+    schedule = {
+        f"{MAINTAIN_TASK}.{pool.name}": {
+            "task": MAINTAIN_TASK,
+            "schedule": pool.maintenance_interval,
+            "args": (pool.name,),
+            "options": {"expires": pool.maintenance_interval},
+        }
+        for pool in config.pools.values()
+    }
     return {
         "broker_url": config.broker_url,
         "result_backend": config.state_url,
@@ -43,9 +61,8 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_queues": queues,
-        "task_routes": {
-            pool.task_name: {"queue": pool.queue, "routing_key": pool.queue} for pool in config.pools.values()
-        },
+        "task_routes": routes,
+        "beat_schedule": schedule,
         "task_default_queue": "poolq.default",
         "result_expires": config.project.result_expires,
         "result_extended": True,
@@ -70,6 +87,27 @@ def _run_call(task: Task, /, *args: Any, **kwargs: Any) -> Any:
     return run_call(task, args, kwargs)
 
 
+def _maintain(task: Task, pool: str) -> dict[str, Any]:
+    from .maintenance import maintain
+
+    config: Config = task.app.poolq_config
+    decision = maintain(task.app, config, pool, _state(config.state_url))
+    if decision is None:
+        return {"skipped": "another run holds the lock"}
+    scale = decision.scale
+    return {
+        "scale": None if scale is None else {"to": scale.target, "direction": scale.direction, "reason": scale.reason},
+        "replace": [{"agent": r.agent_id, "reason": r.reason} for r in decision.replace],
+    }
+
+
+@functools.cache
+def _state(url: str) -> Any:
+    from .protocol import connect
+
+    return connect(url)
+
+
 def create_app(config: Config) -> Celery:
     """A Celery app for ``config``, with one task per pool."""
     app = Celery("poolq", set_as_current=False)
@@ -77,6 +115,7 @@ def create_app(config: Config) -> Celery:
     app.poolq_config = config
     for pool in config.pools.values():
         _register(app, pool)
+    app.task(name=MAINTAIN_TASK, bind=True, shared=False, ignore_result=True)(_maintain)
     from .worker.step import install_worker_step
 
     install_worker_step(app)

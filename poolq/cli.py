@@ -14,9 +14,11 @@ import click
 from celery import Celery
 
 from .aio import Arguments
+from .app import CONTROL_QUEUE
 from .client import Client
 from .config import Config, load_config
 from .errors import PoolqError
+from .maintenance import restored_size
 from .status import PoolStatus
 from .version import VERSION
 
@@ -81,8 +83,13 @@ def up(config_path: str | None, no_flower: bool, no_beat: bool) -> None:
 def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker node for POOL (extra arguments go to `celery worker`)."""
     app = _app_for(config_path)
-    pool_config = app.poolq_config.pool(pool)
-    concurrency = 1 if pool_config.worker_pool == "solo" else pool_config.size
+    config = app.poolq_config
+    pool_config = config.pool(pool)
+    if pool_config.worker_pool == "prefork":
+        # Start at the size maintenance last scaled the pool to (it survives restarts).
+        concurrency = restored_size(Client(config, app=app).state, pool_config)
+    else:
+        concurrency = 1 if pool_config.worker_pool == "solo" else pool_config.size
     argv = [
         "worker",
         "--queues", pool_config.queue,
@@ -96,6 +103,46 @@ def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, 
         *celery_args,
     ]  # fmt: skip
     app.worker_main(argv)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@CONFIG_OPTION
+@click.option("-n", "--name", "node", default="maintainer@%h", show_default=True, help="Celery node name.")
+@click.option(
+    "-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]"
+)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def maintainer(config_path: str | None, node: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Run the maintenance worker: it runs beat's poolq.maintain for every pool (control queue only)."""
+    app = _app_for(config_path)
+    argv = [
+        "worker",
+        "--queues", CONTROL_QUEUE,
+        "--pool", "solo",
+        "--hostname", node,
+        "--loglevel", loglevel,
+        "--without-mingle",
+        "--without-gossip",
+        *celery_args,
+    ]  # fmt: skip
+    app.worker_main(argv)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool")
+def maintain(config_path: str | None, pool: str) -> None:
+    """Run one maintenance pass for POOL now and print what it decided."""
+    from .maintenance import maintain as run_maintenance
+
+    client = Client(_config(config_path))
+    decision = run_maintenance(client.app, client.config, pool, client.state)
+    if decision is None:
+        click.echo("skipped: another maintenance run holds the lock")
+        return
+    click.echo(f"scale: {decision.scale or 'none'}")
+    for replace in decision.replace:
+        click.echo(f"replace: {replace.agent_id} ({replace.reason})")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -237,10 +284,22 @@ def map_command(
 @CONFIG_OPTION
 @click.argument("pool")
 @click.option("--timeout", type=float, help="Seconds to wait [default: forever].")
-def drain(config_path: str | None, pool: str, timeout: float | None) -> None:
-    """Wait until POOL's queue is empty and every agent idle."""
+def wait(config_path: str | None, pool: str, timeout: float | None) -> None:
+    """Wait until POOL's queue is empty and every agent idle (quiescence)."""
     status = Client(_config(config_path)).drain(pool, timeout=timeout)
     click.echo(render_status(status))
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the nodes to stop.")
+def drain(config_path: str | None, pool: str, timeout: float) -> None:
+    """Stop POOL's worker nodes gracefully: in-flight calls finish, queued calls stay queued, agents are torn down."""
+    client = Client(_config(config_path))
+    stopped = client.stop_nodes(pool, timeout=timeout)
+    click.echo(f"stopped {len(stopped)} node(s) of {pool}: {', '.join(stopped) or 'none were running'}")
+    click.echo(render_status(client.status(pool)))
 
 
 @main.command()

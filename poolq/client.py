@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from . import protocol, queues
+from . import protocol, queues, registry
 from .app import create_app, default_app
 from .config import Config, PoolConfig, load_config
 from .errors import (
@@ -36,13 +38,18 @@ from .errors import (
     CallTimeout,
     CheckoutTimeout,
     InvalidPayload,
+    PoolDegraded,
     PoolExhausted,
     PoolqError,
+    PoolqTimeout,
     ResultTimeout,
 )
 from .lease import Lease
 from .queues import same_redis
 from .status import PoolStatus, read_status
+
+#: Seconds a client trusts what it last read of a pool's circuit breaker.
+BREAKER_CACHE = 1.0
 
 
 class Client:
@@ -56,6 +63,7 @@ class Client:
     def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
         self.config = config or load_config()
         self._app = app
+        self._breakers: dict[str, tuple[float, str | None]] = {}
 
     @functools.cached_property
     def app(self) -> Celery:
@@ -105,6 +113,7 @@ class Client:
         timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
         call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
         self.check_payload(config, args, kwargs)
+        self.check_breaker(config)
         self.check_capacity(config, block)
         task_id = str(uuid.uuid4())
         reply_to = protocol.reply_key(task_id)
@@ -141,6 +150,7 @@ class Client:
             check_seconds("timeout", timeout)
         call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
         self.check_payload(config, args, kwargs)
+        self.check_breaker(config)
         self.check_capacity(config, block)
         return Handle(self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=None), client=self)
 
@@ -174,6 +184,35 @@ class Client:
 
         status: PoolStatus = run_sync(lambda aclient: aclient.drain(pool, timeout=timeout), self)
         return status
+
+    def stop_nodes(self, pool: str, timeout: float = 300.0) -> list[str]:
+        """Stop every worker node of ``pool`` gracefully (Celery's warm shutdown); their names.
+
+        In-flight calls finish; calls still queued, or prefetched but not
+        started, stay in the queue for other or later nodes; agents are torn
+        down. Waits until the nodes have left the registry.
+
+        Raises:
+            PoolqTimeout: a node is still running after ``timeout`` seconds.
+        """
+        nodes = [node.id for node in self.status(pool).nodes]
+        if not nodes:
+            return []
+        with self.translate_errors():
+            self.app.control.shutdown(destination=nodes)
+        deadline = time.monotonic() + timeout
+
+        def running() -> bool:
+            now = self.status(pool)
+            # The node leaves the registry when it stops consuming, its agents
+            # when their in-flight call is done and they are torn down.
+            return any(n.id in nodes for n in now.nodes) or any(a.node in nodes for a in now.agents)
+
+        while running():
+            if time.monotonic() > deadline:
+                raise PoolqTimeout(f"nodes of pool {pool!r} still running after {timeout:g}s")
+            time.sleep(0.2)
+        return nodes
 
     def status(self, pool: str) -> PoolStatus:
         """The pool's state, counters and agents across its worker nodes.
@@ -212,6 +251,25 @@ class Client:
                 f"arguments for pool {pool.name!r} are {size} bytes, over the limit of {pool.max_payload_bytes} "
                 "(max_payload_bytes)"
             )
+
+    def check_breaker(self, pool: PoolConfig) -> None:
+        """Fail fast while the pool's circuit breaker is open (its setups keep failing).
+
+        Reads the breaker at most once per :data:`BREAKER_CACHE` seconds, so
+        it costs the call path a round trip once a second, not per call.
+
+        Raises:
+            PoolDegraded
+        """
+        now = time.monotonic()
+        checked_at, error = self._breakers.get(pool.name, (-math.inf, None))
+        if now - checked_at >= BREAKER_CACHE:
+            with self.translate_errors():
+                stats = {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(pool.name)).items()}
+            error = str(stats.get("breaker_error", "")) if registry.breaker_open(stats, time.time()) else None
+            self._breakers[pool.name] = (now, error)
+        if error is not None:
+            raise PoolDegraded(f"pool {pool.name!r} is degraded, its agents fail to set up: {error}")
 
     def check_capacity(self, pool: PoolConfig, block: bool) -> None:
         """Fail fast, without sending, when the pool cannot take a call now.

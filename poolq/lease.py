@@ -67,6 +67,7 @@ class Lease:
             AgentUnavailable: the agent that took it could not be set up.
         """
         client = self.client
+        client.check_breaker(self.pool)
         client.check_capacity(self.pool, block=self.block)
         task_id = client.send(
             self.pool,

@@ -70,6 +70,8 @@ class PoolStatus:
     starting: int
     failed: int
     counters: dict[str, int]
+    #: Why the pool is degraded: the last setup error while the breaker is open.
+    degraded_by: str
     last_scale: dict[str, Any] | None
     nodes: list[NodeInfo] = field(default_factory=list)
     agents: list[AgentInfo] = field(default_factory=list)
@@ -122,7 +124,7 @@ def summarize(
     max_overflow = sum(n.max_overflow for n in node_infos)
     available = sum(1 for a in agent_infos if a.state == "idle")
     in_use = sum(1 for a in agent_infos if a.state in IN_USE)
-    if not any(a.state in SERVING for a in agent_infos):
+    if registry.breaker_open(stats, now) or not any(a.state in SERVING for a in agent_infos):
         state = "degraded"
     elif available == 0 and overflow >= max_overflow:
         state = "full"
@@ -144,6 +146,7 @@ def summarize(
         waiting=waiting,
         starting=sum(1 for a in agent_infos if a.state in ("starting", "recycling")),
         failed=sum(1 for a in agent_infos if a.state == "failed"),
+        degraded_by=stats.get("breaker_error", "") if registry.breaker_open(stats, now) else "",
         counters={name: _int(stats.get(name)) for name in COUNTERS},
         last_scale=last_scale,
         nodes=sorted(node_infos, key=lambda n: n.id),
@@ -152,8 +155,8 @@ def summarize(
 
 
 def _agent(record: dict[str, str], now: float) -> AgentInfo:
-    started = _float(record.get("started_at"))
-    last_used = _float(record.get("last_used_at"))
+    started = as_float(record.get("started_at"))
+    last_used = as_float(record.get("last_used_at"))
     state = record.get("state", "")
     return AgentInfo(
         id=record["id"],
@@ -176,7 +179,8 @@ def _int(value: str | None, default: int = 0) -> int:
         return default
 
 
-def _float(value: str | None) -> float:
+def as_float(value: str | None) -> float:
+    """A registry field as a float (0.0 when empty or not a number)."""
     try:
         return float(value) if value else 0.0
     except ValueError:

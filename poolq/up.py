@@ -56,6 +56,7 @@ def plan(config: Config, flower: bool = True, beat: bool = True) -> Plan:
         services.append(Service(f"worker.{pool.name}", [*python, "worker", pool.name], tier=1))
     flower_port = None
     if beat:
+        services.append(Service("maintainer", [*python, "maintainer"], tier=1, stop_timeout=30))
         services.append(Service("beat", [*python, "beat"], tier=2, stop_timeout=10))
     if flower:
         flower_port = free_port(FLOWER_PORT)

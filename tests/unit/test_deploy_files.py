@@ -39,9 +39,11 @@ def test_a_worker_per_pool_in_both_files(pool: str) -> None:
     assert compose()[f"worker_{pool}"]["command"] == ["poolq", "worker", pool]
 
 
-def test_beat_and_flower_in_both_files() -> None:
+def test_beat_maintainer_and_flower_in_both_files() -> None:
     assert procfile()["beat"] == ["poolq", "beat"]
     assert compose()["beat"]["command"] == ["poolq", "beat"]
+    assert procfile()["maintainer"] == ["poolq", "maintainer"]
+    assert compose()["maintainer"]["command"] == ["poolq", "maintainer"]
     assert procfile()["flower"][:2] == compose()["flower"]["command"][:2] == ["poolq", "flower"]
 
 
