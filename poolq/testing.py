@@ -78,6 +78,8 @@ class RunningPool:
     client: Client
     size: int
     workers: list[WorkerProcess] = field(default_factory=list)
+    #: Beat and the maintenance worker, when started.
+    services: list[WorkerProcess] = field(default_factory=list)
 
     def agents(self) -> list[dict[str, str]]:
         """The registry's records of this pool's live agents."""
@@ -176,9 +178,30 @@ class PoolFactory:
             pool.wait_ready()
         return worker
 
+    def start_maintenance(self, pool: RunningPool) -> None:
+        """Start beat and the maintenance worker for ``pool`` (its maintenance runs on schedule)."""
+        for name, argv in (
+            ("maintainer", ["maintainer", "--name", f"maintainer-{pool.name}@poolq-test"]),
+            ("beat", ["beat"]),
+        ):
+            log_path = self.directory / f"{pool.name}-{name}.log"
+            log_file = log_path.open("wb")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "poolq", *argv],
+                env={**self._env(pool.config, None), "POOLQ_STATE_DIR": str(self.directory / f"{pool.name}-state")},
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=child_preexec,
+            )
+            pool.services.append(WorkerProcess(node=name, process=process, log_path=log_path, log_file=log_file))
+
     def stop_all(self) -> None:
-        """Stop every worker this factory started (warm shutdown, then SIGKILL)."""
+        """Stop every process this factory started (warm shutdown, then SIGKILL)."""
         for pool in self.pools:
+            for service in pool.services:
+                service.stop(timeout=20)
             for worker in pool.workers:
                 worker.stop()
         self.pools.clear()
@@ -214,7 +237,14 @@ def _purge(client: Client, pool: str) -> None:
     """Empty the pool's queue and registry left by an earlier test."""
     with client.app.connection_for_write() as connection:
         connection.default_channel.queue_purge(client.config.pool(pool).queue)
-    client.state.delete(registry.pool_agents_key(pool), registry.pool_nodes_key(pool))
+    client.state.delete(
+        registry.pool_agents_key(pool),
+        registry.pool_nodes_key(pool),
+        registry.stats_key(pool),
+        registry.scale_events_key(pool),
+        registry.failures_key(pool),
+        f"poolq:pool:{pool}:maintain_lock",
+    )
 
 
 @pytest.fixture(scope="session")

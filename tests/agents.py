@@ -20,6 +20,9 @@ _KEEP_MAX = (
 )
 
 
+_LEAKED: list[bytearray] = []
+
+
 class Probe(poolq.Agent):
     """A configurable agent for lifecycle, timeout and error tests.
 
@@ -33,7 +36,7 @@ class Probe(poolq.Agent):
         self.redis = redis.Redis.from_url(self.options["redis_url"], decode_responses=True)
         self.key = f"test:{self.pool}"
         time.sleep(float(self.options.get("setup_seconds", 0)))
-        if self.options.get("fail_setup"):
+        if self.options.get("fail_setup") or self.redis.exists(f"{self.key}:fail_setup"):
             self.redis.rpush(f"{self.key}:events", f"setup_failed {os.getpid()} {self.name}")
             raise RuntimeError("setup failed on purpose")
         self.redis.rpush(f"{self.key}:events", f"setup {os.getpid()} {self.name}")
@@ -51,8 +54,35 @@ class Probe(poolq.Agent):
         self.broken = break_agent
         raise ValueError(message)
 
+    @poolq.operation
+    def work(self, marker: str, sleep: float = 0.0) -> dict[str, Any]:
+        """Record the start and the end of a call, to count runs and completions."""
+        self.redis.rpush(f"{self.key}:ran", marker)
+        time.sleep(sleep)
+        self.redis.rpush(f"{self.key}:done", marker)
+        return {"marker": marker, "pid": os.getpid(), "agent": self.name}
+
+    @poolq.operation
+    def hog(self, mb: int) -> int:
+        """Hold ``mb`` MB in the agent (given back by teardown)."""
+        self.ballast = bytearray(mb * 2**20)
+        return len(self.ballast) // 2**20
+
+    @poolq.operation
+    def leak(self, mb: int) -> int:
+        """Hold ``mb`` MB in the process, out of the agent's reach (teardown cannot give it back)."""
+        _LEAKED.append(bytearray(mb * 2**20))
+        return sum(len(b) for b in _LEAKED) // 2**20
+
+    @poolq.operation
+    def crash(self) -> None:
+        """Kill the worker process mid-call (a poison pill)."""
+        os._exit(1)
+
     def healthy(self) -> bool:
-        return not getattr(self, "broken", False)
+        if getattr(self, "broken", False):
+            return False
+        return not self.redis.exists(f"{self.key}:unhealthy:{self.name}")
 
     @poolq.operation
     def bad_result(self) -> Any:
@@ -78,6 +108,7 @@ class Probe(poolq.Agent):
         self.redis.rpush(f"{self.key}:events", f"reset {os.getpid()} {self.name}")
 
     def teardown(self) -> None:
+        self.ballast = bytearray()
         self.redis.rpush(f"{self.key}:events", f"teardown {os.getpid()} {self.name}")
 
 
@@ -98,4 +129,10 @@ def max_running(redis_client: redis.Redis, pool: str) -> int:
 
 
 def clear(redis_client: redis.Redis, pool: str) -> None:
-    redis_client.delete(*(f"test:{pool}:{key}" for key in ("events", "ran", "running", "max_running")))
+    keys = ("events", "ran", "done", "running", "max_running", "fail_setup")
+    redis_client.delete(*(f"test:{pool}:{key}" for key in keys))
+
+
+def done(redis_client: redis.Redis, pool: str) -> list[str]:
+    """The markers of the ``work`` calls of ``pool`` that ran to their end."""
+    return list(redis_client.lrange(f"test:{pool}:done", 0, -1))

@@ -140,14 +140,7 @@ class AgentHost:
             # Published before the name is taken: the name pool reclaims the
             # names of agents without a live record.
             self._publish(slot)
-            try:
-                slot.name = names.checkout(self.state, slot.agent_id, self.hostname, self.pid, slot.suffix)
-            except redis.RedisError:
-                logger.warning("no name from the name pool for %s; using %s", slot.agent_id, slot.name)
-            self._publish(slot)
-        if len(self.slots) == 1:
-            # Celery's log lines name the process: let them name the agent.
-            current_process().name = self.slots[0].name
+            self._rename(slot)
         self._heartbeat.start()
         for slot in self.slots:
             self._setup(slot)
@@ -188,17 +181,17 @@ class AgentHost:
 
     def ensure_ready(self, slot: AgentSlot) -> Agent:
         """The slot's agent, healthy: set up again if its last setup failed long enough
-        ago, recycled first if it failed its health check.
+        ago, recycled first if it fails its health check (asked before every call).
 
         Raises:
             AgentUnavailable: setup failed and may not be retried yet, or failed again.
         """
-        if slot.agent is not None:
-            due = time.monotonic() - slot.health_checked_at >= self.pool.health_interval
-            if slot.state == "unhealthy" or (due and not self.healthy(slot)):
-                self.recycle(slot, "failed health check")
-        elif time.monotonic() >= slot.retry_at:
-            self._setup(slot)
+        if slot.agent is None:
+            if time.monotonic() >= slot.retry_at:
+                self._setup(slot)
+        elif slot.state == "unhealthy" or not self.healthy(slot):
+            # Checked before every call: an unhealthy agent never serves one.
+            self.recycle(slot, "failed health check")
         if slot.agent is None:
             raise AgentUnavailable(f"agent {slot.name} is unavailable: setup failed: {slot.setup_error}")
         return slot.agent
@@ -237,6 +230,7 @@ class AgentHost:
         with _soft_time_limit_held():
             self._teardown(slot)
             self._count(recycles=1)
+            self._rename(slot)  # a new agent, a new name
             memory = self.pool.max_memory_mb
             if memory is not None:
                 gc.collect()
@@ -280,6 +274,19 @@ class AgentHost:
             self._count(spawned=1)
             self._record_setup(slot, ok=True)
             logger.info("agent %s ready in %.2fs", slot.name, time.monotonic() - started)
+        self._publish(slot)
+
+    def _rename(self, slot: AgentSlot) -> None:
+        """Give the slot's next agent a name from the name pool (and the old one back)."""
+        try:
+            if slot.setups:
+                names.checkin(self.state, slot.name, self.hostname, self.pid, slot.suffix)
+            slot.name = names.checkout(self.state, slot.agent_id, self.hostname, self.pid, slot.suffix)
+        except redis.RedisError:
+            logger.warning("no name from the name pool for %s; keeping %s", slot.agent_id, slot.name)
+        if len(self.slots) == 1:
+            # Celery's log lines name the process: let them name the agent.
+            current_process().name = slot.name
         self._publish(slot)
 
     def _record_setup(self, slot: AgentSlot, ok: bool) -> None:

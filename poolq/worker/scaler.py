@@ -145,10 +145,10 @@ class NodeScaler:
         if delta > 0:
             self._grow()
         else:
-            try:
-                self.worker.pool.shrink(1)
-            except ValueError:  # billiard: every process busy, nothing to shrink
-                return
+            # Not billiard's shrink(): it may pick a process that is already
+            # terminating but not yet reaped, and then no process stops at all.
+            if not any(self._retire(p.pid) for p in self._live_processes()):
+                return  # every process is busy
             self._update_prefetch(-1)
         after = before + delta
         direction = "up" if delta > 0 else "down"
@@ -173,6 +173,10 @@ class NodeScaler:
         # AsynPool keeps the processes that have not yet sent their "up"
         # message (their agent is still setting up) in _waiting_to_start.
         return bool(getattr(self.worker.pool._pool, "_waiting_to_start", ()))
+
+    def _live_processes(self) -> list[Any]:
+        pool = self.worker.pool._pool
+        return [p for p in pool._pool if p.exitcode is None and not getattr(p, "_controlled_termination", False)]
 
     def _retire(self, pid: int) -> bool | None:
         """Stop process ``pid`` if it is idle: True done, False already gone, None busy (try again).

@@ -84,7 +84,9 @@ def test_broken_release_recycles_the_agent(pool: RunningPool, state: redis.Redis
     lease.call(marker="dirty")
     lease.release(broken=True)
     pool.wait_for(lambda: len(events(state, "leased")) >= 2, timeout=10, what="recycle")
-    assert [(kind, who) for kind, _, who in events(state, "leased")] == [("teardown", name), ("setup", name)]
+    (teardown, _, old), (setup, _, new) = events(state, "leased")
+    assert (teardown, old, setup) == ("teardown", name, "setup")
+    assert new != name  # a recycled agent is a new agent, with a new name
     assert pool.client.status("leased").counters["recycles"] >= 1
 
 
@@ -115,12 +117,13 @@ def test_a_dead_clients_lease_frees_the_agent_within_its_ttl(pool: RunningPool, 
         try:
             assert client.stdout is not None
             agent = json.loads(client.stdout.readline())["agent"]
+            [slot] = [a.id for a in pool.client.status("leased").agents if a.name == agent]
             os.kill(client.pid, signal.SIGKILL)
             killed = time.monotonic()
         finally:
             client.kill()
     pool.wait_for(
-        lambda: any(a.name == agent and a.state == "idle" for a in pool.client.status("leased").agents),
+        lambda: any(a.id == slot and a.state == "idle" for a in pool.client.status("leased").agents),
         timeout=ttl + HEARTBEAT_TTL + 10,
         what="the agent back",
     )
