@@ -245,7 +245,7 @@ def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool
         slot.requests,
         ran,
         time.time(),
-        agent_state,
+        agent_state if slot.agent is not None else slot.state,
     )
 
 
