@@ -1,0 +1,1 @@
+"""poolq's benchmarks: `python -m bench` (see README, "Benchmarks")."""
