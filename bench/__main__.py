@@ -58,7 +58,7 @@ QUICK = Sizes(call_batches=2, call_batch=10, casts=50, warm_calls=10, cold_calls
 
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def ms(seconds: float) -> float:

@@ -45,6 +45,8 @@ def celery_settings(config: Config) -> dict[str, Any]:
     }
     return {
         "broker_url": config.broker_url,
+        # kombu's Redis transport minus a client object per message (poolq.transport).
+        "broker_transport": "poolq.transport:Transport" if config.broker_url.startswith("redis://") else None,
         "result_backend": config.state_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},

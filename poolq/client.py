@@ -119,13 +119,13 @@ class Client:
         reply_to = protocol.reply_key(task_id)
         self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=reply_to, task_id=task_id)
         with self.translate_errors():
-            reply = protocol.pop(self.state, reply_to, timeout)
+            reply = self.scripts.pop(reply_to, timeout)
             if reply is None:
                 if self.give_up(task_id):
                     raise CheckoutTimeout(
                         f"no agent of pool {pool!r} took the call within {timeout:g}s; it will not run"
                     )
-                reply = protocol.pop(self.state, reply_to, call_timeout + protocol.CALL_GRACE)
+                reply = self.scripts.pop(reply_to, call_timeout + protocol.CALL_GRACE)
         if reply is None:
             raise CallTimeout(f"the agent of pool {pool!r} did not finish the call within {call_timeout:g}s")
         return protocol.decode_reply(reply)

@@ -81,13 +81,13 @@ class Lease:
         )
         replies = protocol.lease_replies_key(self.id)
         with client.translate_errors():
-            grant = protocol.pop(client.state, replies, self.timeout)
+            grant = client.scripts.pop(replies, self.timeout)
             if grant is None:
                 if client.give_up(task_id):
                     raise CheckoutTimeout(
                         f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s"
                     )
-                grant = protocol.pop(client.state, replies, protocol.BLOCK_SLICE)
+                grant = client.scripts.pop(replies, protocol.BLOCK_SLICE)
         if grant is None:
             raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
         document = json.loads(grant)

@@ -24,7 +24,11 @@ busy; done: idle), so the registry costs the call path nothing.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -74,22 +78,6 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url, decode_responses=True, health_check_interval=30, socket_timeout=SOCKET_TIMEOUT, socket_keepalive=True
     )
-
-
-def pop(client: redis.Redis, key: str, seconds: float) -> str | None:
-    """Wait up to ``seconds`` for an item on the list ``key``; None if none came.
-
-    A BLPOP blocks no longer than :data:`BLOCK_SLICE` at a time, so a dead
-    server shows up as an error within the socket timeout instead of a hang.
-    """
-    deadline = time.monotonic() + seconds
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        popped = client.blpop([key], timeout=min(left, BLOCK_SLICE))
-        if popped is not None:
-            return str(popped[1])
 
 
 def reply_key(task_id: str) -> str:
@@ -183,21 +171,67 @@ class Claim:
 
 
 class Scripts:
-    """The Lua scripts above, registered once per Redis client."""
+    """The Lua scripts above, and BLPOP: the commands on the call path.
+
+    They go over a connection of their own per thread and process, sent and
+    read directly: redis-py's generic command path (pool checkout, retry
+    wrapper, health check) costs about as much as the network round trip on
+    localhost, and a call makes three of these. A lost connection is reopened
+    and the command sent once more.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
-        self.claim = client.register_script(_CLAIM)
-        self.takeover = client.register_script(_TAKEOVER)
-        self.expire = client.register_script(EXPIRE_SCRIPT)
-        self.finish = client.register_script(_FINISH)
+        self._pool = client.connection_pool
+        self._local = threading.local()
+
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of this module's Lua scripts (loading it into the server if needed)."""
+        sha = _sha(script)
+        try:
+            return self.command("EVALSHA", sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.command("SCRIPT", "LOAD", script)
+            return self.command("EVALSHA", sha, len(keys), *keys, *args)
+
+    def pop(self, key: str, seconds: float) -> str | None:
+        """BLPOP ``key`` for up to ``seconds``, at most :data:`BLOCK_SLICE` per round trip."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            popped = self.command("BLPOP", key, round(min(left, BLOCK_SLICE), 3))
+            if popped is not None:
+                return str(popped[1])
+        return None
+
+    def command(self, *args: Any) -> Any:
+        connection = self._connection()
+        try:
+            connection.send_command(*args)
+            return connection.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            connection.disconnect()
+            connection.send_command(*args)
+            return connection.read_response()
+
+    def _connection(self) -> Any:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            # A forked child never uses its parent's socket.
+            local.connection, local.pid = self._pool.make_connection(), os.getpid()
+        return local.connection
+
+
+@functools.cache
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 def claim(scripts: Scripts, task_id: str, owner: str, agent_id: str, now: float) -> Claim:
     """Claim ``task_id`` for ``owner``; say who holds it otherwise."""
-    verdict, attempts = scripts.claim(
-        keys=[claim_key(task_id), agent_key(agent_id)], args=[owner, CLAIM_TTL, now, task_id]
+    verdict, attempts = scripts.run(
+        _CLAIM, keys=[claim_key(task_id), agent_key(agent_id)], args=[owner, CLAIM_TTL, now, task_id]
     )
-    if verdict == "run":
+    # Our own name: a retried claim whose first answer was lost on the way.
+    if verdict in ("run", owner):
         return Claim(run=True, owner=owner, attempts=int(attempts))
     return Claim(run=False, owner=verdict, attempts=int(attempts))
 
@@ -205,7 +239,8 @@ def claim(scripts: Scripts, task_id: str, owner: str, agent_id: str, now: float)
 def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent_id: str, now: float) -> int:
     """Take the claim of a dead runner; the new attempt count, or -1 if it moved."""
     return int(
-        scripts.takeover(
+        scripts.run(
+            _TAKEOVER,
             keys=[claim_key(task_id), agent_key(agent_id)],
             args=[owner, dead_owner, CLAIM_TTL, now, task_id],
         )
@@ -214,7 +249,7 @@ def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent
 
 def expire(scripts: Scripts, task_id: str) -> bool:
     """Mark a call as given up by its caller; True when no agent had started it."""
-    return bool(scripts.expire(keys=[claim_key(task_id)], args=[CLAIM_TTL]))
+    return bool(scripts.run(EXPIRE_SCRIPT, keys=[claim_key(task_id)], args=[CLAIM_TTL]))
 
 
 def finish(
@@ -230,7 +265,8 @@ def finish(
     agent_state: str = "idle",
 ) -> None:
     """In one round trip: push the reply, close the claim, set the agent's state, count the call."""
-    scripts.finish(
+    scripts.run(
+        _FINISH,
         keys=[reply_to or reply_key(task_id), claim_key(task_id), agent_key(agent_id), stats_key],
         args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state],
     )

@@ -51,7 +51,7 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
     ended, broken, served = "expired", True, slot.requests
     try:
         while True:
-            raw = _pop(state, requests, ttl)
+            raw = runtime.scripts.pop(requests, ttl)
             if raw is None:
                 break  # the client sent nothing for ttl seconds: it is gone
             request = json.loads(raw)
@@ -129,15 +129,6 @@ def _alarm(seconds: float) -> Iterator[None]:
 
 def _error(kind: str, exc: BaseException, tb: str | None) -> dict[str, Any]:
     return dict(json.loads(protocol.encode_error("", kind, exc, tb)))
-
-
-def _pop(state: redis.Redis, key: str, ttl: float) -> str | None:
-    deadline = time.monotonic() + ttl
-    while (left := deadline - time.monotonic()) > 0:
-        popped = state.blpop([key], timeout=min(left, protocol.BLOCK_SLICE))
-        if popped is not None:
-            return str(popped[1])
-    return None
 
 
 def _push(state: redis.Redis, key: str, ttl: float, document: dict[str, Any]) -> None:
