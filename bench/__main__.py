@@ -78,6 +78,8 @@ class Stack:
         self.url = self.broker.start()
         self.pools = PoolFactory(self.url, self.directory, pythonpath=[str(ROOT)])
         os.environ["BENCH_BROKER_URL"] = self.url
+        # The bare worker's log level: a log line per task is a cost, not poolq's.
+        os.environ["POOLQ_LOGLEVEL"] = "WARNING"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -115,9 +117,14 @@ class Stack:
 
 
 def bench_call(stack: Stack, sizes: Sizes) -> dict[str, float]:
-    """Sequential round trips, poolq.call vs apply_async().get(), alternating batches."""
+    """Sequential round trips, poolq.call vs apply_async().get(), alternating batches.
+
+    Also poolq.call on a ``worker_pool = "solo"`` node: the agent runs in the
+    node's main process, without prefork's hand-off to a child process.
+    """
     pool = stack.pool("bench_call", "bench.agents:Echo", size=1)
     client = pool.client
+    solo = stack.pool("bench_solo", "bench.agents:Echo", size=1, worker_pool="solo").client
     floor = redis.Redis.from_url(stack.url)
     pings = []
     for _ in range(sizes.call_batch * 5):
@@ -125,16 +132,22 @@ def bench_call(stack: Stack, sizes: Sizes) -> dict[str, float]:
         floor.ping()
         pings.append(time.perf_counter() - started)
     poolq_times: list[float] = []
+    solo_times: list[float] = []
     celery_times: list[float] = []
     with stack.bare_worker(1) as bare:
-        for _ in range(20):  # warm both paths
+        for _ in range(20):  # warm every path
             client.call("bench_call", 1)
+            solo.call("bench_solo", 1)
             bare.echo.apply_async((1,)).get(timeout=10)
         for _ in range(sizes.call_batches):
             for _ in range(sizes.call_batch):
                 started = time.perf_counter()
                 client.call("bench_call", 1)
                 poolq_times.append(time.perf_counter() - started)
+            for _ in range(sizes.call_batch):
+                started = time.perf_counter()
+                solo.call("bench_solo", 1)
+                solo_times.append(time.perf_counter() - started)
             for _ in range(sizes.call_batch):
                 started = time.perf_counter()
                 bare.echo.apply_async((1,)).get(timeout=10)
@@ -147,6 +160,9 @@ def bench_call(stack: Stack, sizes: Sizes) -> dict[str, float]:
         "celery_p99_ms": ms(percentile(celery_times, 99)),
         "ratio_p50": round(poolq_p50 / celery_p50, 3),
         "redis_floor_ms": ms(statistics.median(pings)),
+        "solo_p50_ms": ms(statistics.median(solo_times)),
+        "solo_p99_ms": ms(percentile(solo_times, 99)),
+        "ratio_solo_p50": round(statistics.median(solo_times) / celery_p50, 3),
         "calls": len(poolq_times),
     }
 

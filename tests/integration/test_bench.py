@@ -10,7 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 REQUIRED = {
-    "call": {"poolq_p50_ms", "poolq_p99_ms", "celery_p50_ms", "celery_p99_ms", "ratio_p50", "redis_floor_ms"},
+    "call": {
+        "poolq_p50_ms",
+        "poolq_p99_ms",
+        "celery_p50_ms",
+        "celery_p99_ms",
+        "ratio_p50",
+        "redis_floor_ms",
+        "solo_p50_ms",
+    },
     "cast": {"poolq_per_s", "celery_per_s", "ratio"},
     "warm_vs_cold": {"warm_p50_ms", "cold_p50_ms", "ratio"},
     "acall": {"n", "wall_s", "per_s"},
