@@ -12,28 +12,21 @@ back to the pool.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import redis
 
 from .. import protocol, registry
 from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
+from . import alarm
 from .host import AgentSlot
 
 logger = logging.getLogger("poolq.worker")
 
 _KINDS = {UnknownOperation: "unknown_operation", InvalidArguments: "invalid_arguments"}
-
-
-class _LeaseCallTimeout(BaseException):
-    """Raised by the alarm inside an operation that ran past its call_timeout."""
 
 
 def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str, bool]:
@@ -80,10 +73,10 @@ def _run(runtime: Any, slot: AgentSlot, agent: Any, request: dict[str, Any]) -> 
     slot.requests += 1
     slot.last_used_at = time.time()
     try:
-        with _alarm(float(request.get("call_timeout") or 0)):
+        with alarm.deadline(float(request.get("call_timeout") or 0)):
             result = operation()
         json.dumps(result, allow_nan=False)
-    except _LeaseCallTimeout:
+    except alarm.CallDeadline:
         timeout = CallTimeout(f"lease call {seq} ({request.get('op') or 'handle'}) ran past its call_timeout")
         return {"seq": seq, **_error("call_timeout", timeout, "")}, "call_timeout"
     except Exception as exc:
@@ -106,25 +99,6 @@ def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:
     if slot.agent is not None:
         _set_state(runtime.state, slot, "idle", "")
     logger.info("lease of agent %s ended: %s", slot.name, ended)
-
-
-@contextlib.contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    """Interrupt the block after ``seconds`` (main thread only: prefork and solo workers)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(*_: Any) -> None:
-        raise _LeaseCallTimeout()
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _error(kind: str, exc: BaseException, tb: str | None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from ..errors import (
     PoolDegraded,
     UnknownOperation,
 )
-from . import lease
+from . import alarm, lease
 from .host import AgentHost, AgentSlot
 
 logger = logging.getLogger("poolq.worker")
@@ -88,6 +88,8 @@ class Call:
     reply_to: str | None
     lease: str | None = None
     lease_ttl: float = 0.0
+    #: The call_timeout poolq enforces itself (solo workers; see :mod:`.alarm`).
+    deadline: float | None = None
 
 
 def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -102,6 +104,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         reply_to=getattr(request, protocol.HEADER_REPLY, None) or None,
         lease=getattr(request, protocol.HEADER_LEASE, None) or None,
         lease_ttl=float(getattr(request, protocol.HEADER_LEASE_TTL, 0) or 0),
+        deadline=_soft_limit(request) if runtime.pool.worker_pool == "solo" else None,
     )
     with runtime.host.checkout() as slot:
         try:
@@ -128,6 +131,11 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 with contextlib.suppress(redis.RedisError):
                     _fail(runtime, slot, call, "agent", exc, with_traceback=True)
             raise
+
+
+def _soft_limit(request: Any) -> float | None:
+    _, soft = request.timelimit or (None, None)
+    return float(soft) if soft else None
 
 
 def _deadline(expires: Any) -> float | None:
@@ -191,8 +199,9 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
     slot.requests += 1
     slot.last_used_at = time.time()
     try:
-        result = operation()
-    except SoftTimeLimitExceeded:
+        with alarm.deadline(call.deadline):
+            result = operation()
+    except (SoftTimeLimitExceeded, alarm.CallDeadline):
         timeout = CallTimeout(f"call {call.task_id} ({call.op or 'handle'}) ran past its call_timeout")
         _fail(runtime, slot, call, "call_timeout", timeout, ran=True)
         # The agent was interrupted mid-operation: never hand it out again as is.

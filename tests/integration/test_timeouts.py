@@ -62,3 +62,18 @@ def test_timeouts_must_be_positive(single: RunningPool) -> None:
         single.client.call("single", timeout=0)
     with pytest.raises(ValueError, match="call_timeout"):
         single.client.call("single", call_timeout=-1)
+
+
+def test_call_timeout_on_a_solo_node(module_pools: PoolFactory, poolq_broker: str, state: redis.Redis) -> None:
+    # Celery enforces no time limit in a solo pool: poolq's own alarm does.
+    solo = module_pools.start(
+        "solo", "tests.agents:Probe", size=1, worker_pool="solo", options={"redis_url": poolq_broker}
+    )
+    clear(state, "solo")
+    started = time.monotonic()
+    with pytest.raises(CallTimeout):
+        solo.client.call("solo", sleep=5.0, call_timeout=0.5)
+    assert time.monotonic() - started < 3.0
+    solo.wait_for(lambda: len(events(state, "solo")) == 2, timeout=10, what="agent replaced")
+    assert [kind for kind, _, _ in events(state, "solo")] == ["teardown", "setup"]
+    assert solo.client.call("solo", marker="next")["calls"] == 1
