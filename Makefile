@@ -4,13 +4,13 @@ test:
 	python -m pytest
 
 lint:
-	ruff check poolq workers tests
-	ruff format --check poolq workers tests
+	ruff check .
+	ruff format --check .
 	mypy
 
 format:
-	ruff format poolq workers tests
-	ruff check --fix poolq workers tests
+	ruff format .
+	ruff check --fix .
 
 bench:
 	python -m bench
