@@ -173,16 +173,22 @@ class Claim:
 class Scripts:
     """The Lua scripts above, and BLPOP: the commands on the call path.
 
-    They go over a connection of their own per thread and process, sent and
-    read directly: redis-py's generic command path (pool checkout, retry
-    wrapper, health check) costs about as much as the network round trip on
-    localhost, and a call makes three of these. A lost connection is reopened
-    and the command sent once more.
+    They are sent and read directly on connections of their own: redis-py's
+    generic command path (pool checkout, retry wrapper, health check) costs
+    about as much as the network round trip on localhost, and a call makes
+    three of these. Connections are shared through a free list, so a web
+    server's short-lived request threads reuse them instead of connecting
+    per request. A lost connection is reopened and the command sent once more.
     """
+
+    #: Idle connections kept for reuse; more are closed when given back.
+    KEEP_IDLE = 64
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of this module's Lua scripts (loading it into the server if needed)."""
@@ -203,21 +209,43 @@ class Scripts:
         return None
 
     def command(self, *args: Any) -> Any:
-        connection = self._connection()
+        connection = self._take()
         try:
-            connection.send_command(*args)
-            return connection.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
+            try:
+                connection.send_command(*args)
+                reply = connection.read_response()
+            except (redis.ConnectionError, redis.TimeoutError):
+                connection.disconnect()
+                connection.send_command(*args)
+                reply = connection.read_response()
+        except redis.ResponseError:
+            self._give(connection)  # an error reply leaves the connection in step
+            raise
+        except BaseException:
+            # Interrupted mid-command (a timeout, a signal): a reply may still
+            # be on its way, so this socket is never reused.
             connection.disconnect()
-            connection.send_command(*args)
-            return connection.read_response()
+            raise
+        self._give(connection)
+        return reply
 
-    def _connection(self) -> Any:
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            # A forked child never uses its parent's socket.
-            local.connection, local.pid = self._pool.make_connection(), os.getpid()
-        return local.connection
+    def _take(self) -> Any:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child never uses its parent's sockets.
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        # Made outside the client pool's count (max_connections): these are
+        # bounded by the callers in flight, not by that pool.
+        return self._pool.connection_class(**self._pool.connection_kwargs)
+
+    def _give(self, connection: Any) -> None:
+        with self._lock:
+            if len(self._idle) < self.KEEP_IDLE and self._pid == os.getpid():
+                self._idle.append(connection)
+                return
+        connection.disconnect()
 
 
 @functools.cache
