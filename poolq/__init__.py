@@ -10,7 +10,7 @@ Example::
 """
 
 from .agent import Agent, operation
-from .aio import AsyncClient, AsyncLease, acall, adrain, alease, amap
+from .aio import AsyncClient, AsyncLease, acall, adrain, alease, amap, astatus
 from .client import Client, Handle, call, cast, default_client, drain, lease, map, status
 from .config import Config, PoolConfig, load_config
 from .errors import (
@@ -52,6 +52,7 @@ __all__ = [
     "alease",
     "amap",
     "adrain",
+    "astatus",
     "AsyncClient",
     "AsyncLease",
     "PoolStatus",

@@ -395,6 +395,11 @@ async def adrain(pool: str, timeout: float | None = None) -> PoolStatus:
     return await default_async_client().drain(pool, timeout=timeout)
 
 
+async def astatus(pool: str) -> PoolStatus:
+    """``await`` the pool's status (see :meth:`Client.status`)."""
+    return await default_async_client().status(pool)
+
+
 def run_sync(coroutine_fn: Callable[[AsyncClient], Any], client: Client) -> Any:
     """Run an async client operation to completion from synchronous code."""
     try:

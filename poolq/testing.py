@@ -15,12 +15,15 @@ ends. :class:`PoolFactory` is the same thing for fixtures of wider scope.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +34,10 @@ import pytest
 from . import registry
 from .client import Client
 from .config import Config, load_config
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedRedis, free_port
 from .procs import child_preexec, stop_process
+
+__all__ = ["PoolFactory", "RunningPool", "WorkerProcess", "app_server", "free_port", "render_config"]
 
 #: Seconds a pool gets to warm up before the fixture fails.
 READY_TIMEOUT = 60.0
@@ -165,7 +170,7 @@ class PoolFactory:
         log_file = log_path.open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "poolq", "worker", pool.name, "--name", node],
-            env=self._env(pool.config, env),
+            env=self.environment(pool, env),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -188,7 +193,7 @@ class PoolFactory:
             log_file = log_path.open("wb")
             process = subprocess.Popen(
                 [sys.executable, "-m", "poolq", *argv],
-                env={**self._env(pool.config, None), "POOLQ_STATE_DIR": str(self.directory / f"{pool.name}-state")},
+                env={**self.environment(pool), "POOLQ_STATE_DIR": str(self.directory / f"{pool.name}-state")},
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -206,16 +211,63 @@ class PoolFactory:
                 worker.stop()
         self.pools.clear()
 
-    def _env(self, config: Config, extra: Mapping[str, str] | None) -> dict[str, str]:
+    def environment(self, pool: RunningPool, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a process that uses ``pool``: a worker, or your web app under test."""
         paths = [*self.pythonpath, os.environ.get("PYTHONPATH", "")]
         return {
             **os.environ,
-            "POOLQ_CONFIG": str(config.path),
+            "POOLQ_CONFIG": str(pool.config.path),
             "POOLQ_BROKER_URL": self.broker_url,
             "PYTHONPATH": os.pathsep.join(p for p in paths if p),
             "PYTHONUNBUFFERED": "1",
             **(extra or {}),
         }
+
+
+@contextlib.contextmanager
+def app_server(
+    argv: list[str], port: int, env: Mapping[str, str], log_path: Path, ready_timeout: float = READY_TIMEOUT
+) -> Iterator[str]:
+    """Run a web app server (``argv``, listening on 127.0.0.1:``port``); yield its base URL.
+
+    Ready once it answers HTTP at all; stopped by pid (SIGTERM, then SIGKILL) on exit::
+
+        port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", "myapp:app", "--host", "127.0.0.1", "--port", str(port)]
+        with app_server(argv, port, poolq_pools.environment(pool), tmp_path / "app.log") as url:
+            assert httpx.post(f"{url}/summarize", json={"text": "..."}).status_code == 200
+    """
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=child_preexec,
+        )
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while not _answers(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    output = log_path.read_text(errors="replace")[-4000:]
+                    raise RuntimeError(f"app server {argv} did not start:\n{output}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            stop_process(process, timeout=15)
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means it listens
+    except OSError:
+        return False
+    return True
 
 
 def render_config(name: str, keys: Mapping[str, Any]) -> str:

@@ -1,0 +1,1 @@
+"""Web apps that use poolq: FastAPI (asyncio) and Flask (threads)."""
