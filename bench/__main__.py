@@ -153,6 +153,10 @@ def bench_call(stack: Stack, sizes: Sizes) -> dict[str, float]:
                 started = time.perf_counter()
                 bare.echo.apply_async((1,)).get(timeout=10)
                 celery_times.append(time.perf_counter() - started)
+        # Redis commands per round trip, counted by the server (idle workers'
+        # polls and heartbeats included, as they are in any deployment).
+        poolq_commands = commands_per(floor, lambda: client.call("bench_call", 1), sizes.call_batch)
+        celery_commands = commands_per(floor, lambda: bare.echo.apply_async((1,)).get(timeout=10), sizes.call_batch)
     poolq_p50, celery_p50 = statistics.median(poolq_times), statistics.median(celery_times)
     return {
         "poolq_p50_ms": ms(poolq_p50),
@@ -165,7 +169,18 @@ def bench_call(stack: Stack, sizes: Sizes) -> dict[str, float]:
         "solo_p99_ms": ms(percentile(solo_times, 99)),
         "ratio_solo_p50": round(statistics.median(solo_times) / celery_p50, 3),
         "calls": len(poolq_times),
+        "poolq_redis_commands": poolq_commands,
+        "celery_redis_commands": celery_commands,
     }
+
+
+def commands_per(server: redis.Redis, round_trip: Callable[[], Any], times: int) -> float:
+    """Commands the Redis server processed per ``round_trip()``, over ``times`` of them."""
+    before = int(server.info("stats")["total_commands_processed"])
+    for _ in range(times):
+        round_trip()
+    after = int(server.info("stats")["total_commands_processed"])
+    return round((after - before - 1) / times, 1)
 
 
 def bench_cast(stack: Stack, sizes: Sizes) -> dict[str, float]:
@@ -248,12 +263,22 @@ def bench_scale_up(stack: Stack, sizes: Sizes) -> dict[str, float]:
     started = time.perf_counter()
     handles = [pool.client.cast("bench_scale", 0.1, f"m{i}", op="sleep") for i in range(sizes.burst)]
     at_max = None
-    while not all(h.ready() for h in handles):
+    done = 0  # calls finish in queue order, give or take the last few in flight
+    while done < len(handles):
+        while done < len(handles) and handles[done].ready():
+            done += 1
         if at_max is None and sum(1 for a in pool.client.status("bench_scale").agents if a.state != "starting") >= 4:
             at_max = time.perf_counter() - started
-        time.sleep(0.05)
+        time.sleep(0.02)
     makespan = time.perf_counter() - started
     assert {h.result() for h in handles} == {f"m{i}" for i in range(sizes.burst)}
+    # What the burst costs bare Celery with four processes from the start:
+    # the same per-task dispatch, without any scaling.
+    with stack.bare_worker(4) as bare:
+        started = time.perf_counter()
+        results = [bare.sleep.delay(0.1, f"m{i}") for i in range(sizes.burst)]
+        assert {r.get(timeout=120) for r in results} == {f"m{i}" for i in range(sizes.burst)}
+        bare_makespan = time.perf_counter() - started
     ideal = sizes.burst * 0.1 / 4
     return {
         "tasks": sizes.burst,
@@ -262,6 +287,8 @@ def bench_scale_up(stack: Stack, sizes: Sizes) -> dict[str, float]:
         "makespan_s": round(makespan, 3),
         "ideal_s": round(ideal, 3),
         "makespan_ratio": round(makespan / ideal, 3),
+        "celery_at_max_s": round(bare_makespan, 3),
+        "ratio_vs_celery_at_max": round(makespan / bare_makespan, 3),
     }
 
 

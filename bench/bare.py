@@ -6,6 +6,7 @@ Run as ``celery -A bench.bare worker -Q bench.bare ...`` with ``BENCH_BROKER_URL
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from celery import Celery
@@ -32,6 +33,12 @@ app.conf.update(
 
 @app.task(name="bench.echo")
 def echo(value: Any = None) -> Any:
+    return value
+
+
+@app.task(name="bench.sleep")
+def sleep(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
     return value
 
 

@@ -18,15 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import ROOT, ms, percentile
+from examples import APPS, server_argv
 from poolq.embedded import EmbeddedRedis
 from poolq.testing import PoolFactory, app_server, free_port
-
-APPS = {
-    "fastapi": ["-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1", "--log-level", "warning",
-                "--port"],
-    "flask": ["-m", "flask", "--app", "examples.flask_app", "run", "--host", "127.0.0.1", "--with-threads",
-              "--port"],
-}  # fmt: skip
 
 
 async def post(port: int, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -88,10 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         pools = PoolFactory(broker.start(), Path(tmp), pythonpath=[str(ROOT)])
         try:
             pool = pools.start("echo", "workers.echo:Echo", size=2, max_overflow=0)
-            for name, server in APPS.items():
+            for name in APPS:
                 port = free_port()
-                argv_ = [sys.executable, *server, str(port)]
-                with app_server(argv_, port, pools.environment(pool), Path(tmp) / f"{name}.log"):
+                with app_server(server_argv(name, port), port, pools.environment(pool), Path(tmp) / f"{name}.log"):
                     print(f"running {name} ...", file=sys.stderr, flush=True)
                     results[name] = measure(port, args.concurrency, args.bursts)
         finally:

@@ -63,6 +63,7 @@ class NodeScaler:
         base: int,
         waiting: Callable[[], int],
         on_change: Callable[[int], None],
+        request_maintenance: Callable[[], None] = lambda: None,
     ) -> None:
         self.worker = worker
         self.pool = pool
@@ -71,6 +72,8 @@ class NodeScaler:
         self.base = base
         self.waiting = waiting
         self.on_change = on_change
+        self.request_maintenance = request_maintenance
+        self.next_request = 0.0
         self.last_needed = time.monotonic()
         self.next_sync = 0.0
         self.replacing: _Replacement | None = None
@@ -109,12 +112,25 @@ class NodeScaler:
             self.last_needed = now
         starting = self._starting()
         if processes < self.base and not starting:
-            self._resize(+1, processes, f"base size {self.base}")
+            # Up to the base size in one step: the burst that raised it waits.
+            self._resize(self.base - processes, processes, f"base size {self.base}")
         elif processes < self.base + self.pool.max_overflow and active >= processes and not starting:
             waiting = self.waiting()
             if waiting > 0:
                 self._resize(+1, processes, f"all {processes} agents busy and {waiting} calls waiting")
                 self.last_needed = now
+        elif (
+            active >= processes
+            and self.base < self.pool.max_size
+            and not starting
+            and now >= self.next_request
+            and self.waiting() > 0
+        ):
+            # Full, with work waiting, and the pool may grow: ask for
+            # maintenance now rather than at beat's next tick. Its policy
+            # decides; beat remains the backstop.
+            self.next_request = now + self.pool.maintenance_interval
+            self.request_maintenance()
         elif processes > self.base and active < processes and now - self.last_needed > self._idle_before_shrink():
             self._resize(-1, processes, f"above base size {self.base} and idle")
             self.last_needed = now  # one process at a time
@@ -143,7 +159,7 @@ class NodeScaler:
 
     def _resize(self, delta: int, before: int, reason: str) -> None:
         if delta > 0:
-            self._grow()
+            self._grow(delta)
         else:
             # Not billiard's shrink(): it may pick a process that is already
             # terminating but not yet reaped, and then no process stops at all.
@@ -159,12 +175,12 @@ class NodeScaler:
         except redis.RedisError:
             logger.warning("could not record the scale event", exc_info=True)
 
-    def _grow(self) -> None:
-        self.worker.pool.grow(1)
-        # billiard starts the new process at its next pool maintenance, which
-        # Celery runs every 5 s; start it now.
+    def _grow(self, processes: int = 1) -> None:
+        self.worker.pool.grow(processes)
+        # billiard starts the new processes at its next pool maintenance, which
+        # Celery runs every 5 s; start them now.
         self.worker.pool._pool.maintain_pool()
-        self._update_prefetch(+1)
+        self._update_prefetch(+processes)
 
     def _update_prefetch(self, delta: int) -> None:
         self.worker.consumer._update_prefetch_count(delta)

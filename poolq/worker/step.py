@@ -29,7 +29,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from celery.worker.control import control_command
 
 from .. import protocol, queues, registry
-from ..app import PROCESS_START_MARGIN
+from ..app import CONTROL_QUEUE, MAINTAIN_TASK, PROCESS_START_MARGIN
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from . import runtime
@@ -104,7 +104,11 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 base=worker.concurrency,
                 waiting=lambda: queues.depth(app, config, pool),
                 on_change=self.beacon.set_processes,
-            )
+                request_maintenance=lambda: app.send_task(
+                    MAINTAIN_TASK, args=(pool.name,), queue=CONTROL_QUEUE, routing_key=CONTROL_QUEUE,
+                    expires=pool.maintenance_interval,
+                ),
+            )  # fmt: skip
             worker.timer.call_repeatedly(TICK, _scaler.tick)
 
     def stop(self, worker: Any) -> None:
@@ -192,8 +196,10 @@ def poolq_sync(state: Any, pool: str = "", **_: Any) -> dict[str, str]:
     """Remote control: re-read the pool's base size and replace marks now (sent by maintenance)."""
     if _scaler is None or (pool and _scaler.pool.name != pool):
         return {"ok": "nothing to sync here"}
-    _scaler.next_sync = 0.0  # the scaler syncs on its next tick, in the event loop
-    return {"ok": f"{_scaler.pool.name} will sync"}
+    # Remote control runs in the event loop, like the scaler's timer: act now.
+    _scaler.next_sync = 0.0
+    _scaler.tick()
+    return {"ok": f"{_scaler.pool.name} synced"}
 
 
 @worker_ready.connect
