@@ -25,20 +25,26 @@ import poolq
 app = FastAPI(title="poolq FastAPI example")
 
 #: poolq's errors as HTTP answers: the pool is full or broken (503, try again),
-#: too slow (504), the agent raised (502), the request was wrong (404, 413, 422).
-STATUS = [
-    (poolq.UnknownPool, 404),
-    (poolq.InvalidPayload, 413),
-    ((poolq.UnknownOperation, poolq.InvalidArguments), 422),
-    ((poolq.PoolExhausted, poolq.AgentUnavailable, poolq.LeaseLost, poolq.BrokerUnavailable), 503),
-    (poolq.PoolqTimeout, 504),
-    (poolq.AgentError, 502),
-]
+#: too slow (504), the agent raised (502), the request was wrong (404, 422).
+#: Looked up along the error's classes: PoolDegraded is an AgentUnavailable,
+#: CheckoutTimeout and CallTimeout are PoolqTimeouts, AgentCrashed an AgentError.
+STATUS: dict[type[Exception], int] = {
+    poolq.UnknownPool: 404,
+    poolq.InvalidPayload: 422,
+    poolq.UnknownOperation: 422,
+    poolq.InvalidArguments: 422,
+    poolq.PoolExhausted: 503,
+    poolq.AgentUnavailable: 503,
+    poolq.LeaseLost: 503,
+    poolq.BrokerUnavailable: 503,
+    poolq.PoolqTimeout: 504,
+    poolq.AgentError: 502,
+}
 
 
 @app.exception_handler(poolq.PoolqError)
 async def poolq_error(request: Request, exc: poolq.PoolqError) -> JSONResponse:
-    status = next((code for kinds, code in STATUS if isinstance(exc, kinds)), 500)
+    status = next((STATUS[kind] for kind in type(exc).__mro__ if kind in STATUS), 500)
     body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, poolq.AgentError):
         body["remote_type"] = exc.remote_type
@@ -88,7 +94,7 @@ async def conversation(body: Conversation) -> dict[str, Any]:
         return {"agent": agent.agent_name, "replies": replies}
 
 
-@app.get("/pools/{pool}")
+@app.get("/pools/{pool}/status")
 async def pool_status(pool: str) -> dict[str, Any]:
     """Size, free agents, waiting calls, state and counters of a pool."""
     return (await poolq.astatus(pool)).as_dict()

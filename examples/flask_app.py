@@ -23,20 +23,26 @@ import poolq
 app = Flask(__name__)
 
 #: poolq's errors as HTTP answers: the pool is full or broken (503, try again),
-#: too slow (504), the agent raised (502), the request was wrong (404, 413, 422).
-STATUS = [
-    (poolq.UnknownPool, 404),
-    (poolq.InvalidPayload, 413),
-    ((poolq.UnknownOperation, poolq.InvalidArguments), 422),
-    ((poolq.PoolExhausted, poolq.AgentUnavailable, poolq.LeaseLost, poolq.BrokerUnavailable), 503),
-    (poolq.PoolqTimeout, 504),
-    (poolq.AgentError, 502),
-]
+#: too slow (504), the agent raised (502), the request was wrong (404, 422).
+#: Looked up along the error's classes: PoolDegraded is an AgentUnavailable,
+#: CheckoutTimeout and CallTimeout are PoolqTimeouts, AgentCrashed an AgentError.
+STATUS: dict[type[Exception], int] = {
+    poolq.UnknownPool: 404,
+    poolq.InvalidPayload: 422,
+    poolq.UnknownOperation: 422,
+    poolq.InvalidArguments: 422,
+    poolq.PoolExhausted: 503,
+    poolq.AgentUnavailable: 503,
+    poolq.LeaseLost: 503,
+    poolq.BrokerUnavailable: 503,
+    poolq.PoolqTimeout: 504,
+    poolq.AgentError: 502,
+}
 
 
 @app.errorhandler(poolq.PoolqError)
 def poolq_error(exc: poolq.PoolqError) -> Any:
-    status = next((code for kinds, code in STATUS if isinstance(exc, kinds)), 500)
+    status = next((STATUS[kind] for kind in type(exc).__mro__ if kind in STATUS), 500)
     body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, poolq.AgentError):
         body["remote_type"] = exc.remote_type
@@ -82,7 +88,7 @@ def conversation() -> Any:
         return jsonify({"agent": agent.agent_name, "replies": replies})
 
 
-@app.get("/pools/<pool>")
+@app.get("/pools/<pool>/status")
 def pool_status(pool: str) -> Any:
     """Size, free agents, waiting calls, state and counters of a pool."""
     return jsonify(poolq.status(pool).as_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -12,15 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
 
+import poolq
+from examples import APPS, fastapi_app, flask_app, server_argv
 from poolq.testing import PoolFactory, RunningPool, app_server, free_port
 
-SERVERS = {
-    "fastapi": ["-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1", "--log-level", "warning",
-                "--port"],
-    "flask": ["-m", "flask", "--app", "examples.flask_app", "run", "--host", "127.0.0.1", "--with-threads",
-              "--port"],
-}  # fmt: skip
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +28,10 @@ def echo(module_pools: PoolFactory) -> Iterator[RunningPool]:
     yield module_pools.start("echo", "workers.echo:Echo", size=2, max_overflow=0, timeout=30.0)
 
 
-@pytest.fixture(scope="module", params=sorted(SERVERS))
+@pytest.fixture(scope="module", params=APPS)
 def app(request: pytest.FixtureRequest, echo: RunningPool, module_pools: PoolFactory) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, *SERVERS[request.param], str(port)]
+    argv = server_argv(request.param, port)
     log = module_pools.directory / f"{request.param}.log"
     with app_server(argv, port, module_pools.environment(echo), log) as url:
         yield url
@@ -63,7 +62,7 @@ def test_a_conversation_stays_on_one_agent(app: str) -> None:
 
 
 def test_status(app: str) -> None:
-    response = httpx.get(f"{app}/pools/echo", timeout=10)
+    response = httpx.get(f"{app}/pools/echo/status", timeout=10)
     assert response.status_code == 200
     body = response.json()
     assert body["pool"] == "echo"
@@ -85,9 +84,49 @@ def test_errors_map_to_status_codes(app: str) -> None:
     assert raised.json()["error"] == "AgentError"
     assert raised.json()["remote_type"] == "AttributeError"
 
+    # NaN parses as JSON in both frameworks, but it is not plain JSON to poolq
+    nan = httpx.post(f"{app}/pools/echo/call", content=b'{"args": [NaN]}', headers=JSON, timeout=10)
+    assert nan.status_code == 422
+    assert nan.json()["error"] == "InvalidPayload"
+
     slow = httpx.post(f"{app}/pools/echo/call", json={"op": "sleep", "args": [3], "call_timeout": 0.5}, timeout=10)
     assert slow.status_code == 504
     assert slow.json()["error"] == "CallTimeout"
+
+
+#: Every error poolq raises and its answer; PoolDegraded, CallTimeout and
+#: AgentCrashed are subclasses the examples find along the error's classes.
+ERRORS = [
+    (poolq.UnknownPool("nope"), 404),
+    (poolq.InvalidPayload("too big"), 422),
+    (poolq.UnknownOperation("nope"), 422),
+    (poolq.InvalidArguments("missing text"), 422),
+    (poolq.PoolExhausted("full"), 503),
+    (poolq.AgentUnavailable("setup failed"), 503),
+    (poolq.PoolDegraded("setups keep failing"), 503),
+    (poolq.LeaseLost("expired"), 503),
+    (poolq.BrokerUnavailable("down"), 503),
+    (poolq.CheckoutTimeout("no agent"), 504),
+    (poolq.CallTimeout("too slow"), 504),
+    (poolq.AgentError("ValueError", "bad input"), 502),
+    (poolq.AgentCrashed("WorkerLostError", "killed"), 502),
+    (poolq.ConfigError("not for requests"), 500),
+]
+
+
+@pytest.mark.parametrize(("error", "status"), ERRORS, ids=[type(error).__name__ for error, _ in ERRORS])
+def test_every_error_has_its_status_code(error: poolq.PoolqError, status: int) -> None:
+    fastapi = asyncio.run(fastapi_app.poolq_error(Request({"type": "http"}), error))
+    with flask_app.app.app_context():
+        flask, flask_status, flask_headers = flask_app.poolq_error(error)
+
+    assert fastapi.status_code == flask_status == status
+    assert json.loads(fastapi.body) == flask.get_json()
+    assert flask.get_json()["error"] == type(error).__name__
+    retry = "1" if status == 503 else None
+    assert fastapi.headers.get("retry-after") == flask_headers.get("Retry-After") == retry
+    if isinstance(error, poolq.AgentError):
+        assert flask.get_json()["remote_type"] == error.remote_type
 
 
 def test_a_full_pool_answers_503_or_504(app: str, echo: RunningPool) -> None:
@@ -121,7 +160,7 @@ def test_200_concurrent_requests(app: str) -> None:
 
 
 def test_bad_request_bodies_are_refused_before_any_call(app: str) -> None:
-    response = httpx.post(f"{app}/conversation", content=b"not json", headers={"content-type": "application/json"})
+    response = httpx.post(f"{app}/conversation", content=b"not json", headers=JSON, timeout=10)
     assert response.status_code in (400, 422)
     # The server is still fine.
     assert httpx.post(f"{app}/echo", json={"text": "ok"}, timeout=10).status_code == 200
@@ -135,18 +174,21 @@ def test_examples_are_importable_without_a_broker() -> None:
         assert done.returncode == 0, module
 
 
-def test_sync_calls_from_many_short_lived_threads(echo: RunningPool) -> None:
-    # A threaded server's request threads: more of them than redis-py's pool
-    # allows connections (100), each calling once and ending.
-    results: dict[int, str] = {}
+def test_a_burst_from_many_threads(app: str) -> None:
+    # Flask's threaded server runs each request in a new short-lived thread:
+    # more of them than redis-py's pool allows connections (100), each calling once.
+    results: dict[int, tuple[int, str]] = {}
 
-    def request(i: int) -> None:
-        results[i] = echo.client.call("echo", text=f"t{i}")["text"]
+    with httpx.Client(base_url=app, timeout=60, limits=httpx.Limits(max_connections=150)) as client:
 
-    for start in range(0, 300, 150):
-        threads = [threading.Thread(target=request, args=(i,)) for i in range(start, start + 150)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-    assert results == {i: f"t{i}" for i in range(300)}
+        def request(i: int) -> None:
+            response = client.post("/echo", json={"text": f"t{i}"})
+            results[i] = (response.status_code, response.json().get("text", response.text))
+
+        for start in range(0, 300, 150):
+            threads = [threading.Thread(target=request, args=(i,)) for i in range(start, start + 150)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+    assert results == {i: (200, f"t{i}") for i in range(300)}
