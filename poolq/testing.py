@@ -263,7 +263,8 @@ def app_server(
 def _answers(url: str) -> bool:
     try:
         urllib.request.urlopen(url, timeout=1).close()
-    except urllib.error.HTTPError:
+    except urllib.error.HTTPError as error:
+        error.close()  # it holds the response's socket
         return True  # any HTTP answer means it listens
     except OSError:
         return False
