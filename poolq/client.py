@@ -79,6 +79,15 @@ class Client:
     def scripts(self) -> protocol.Scripts:
         return protocol.Scripts(self.state)
 
+    def close(self) -> None:
+        """Close this client's connections (it reconnects if used again)."""
+        if "scripts" in self.__dict__:
+            self.scripts.close()
+        if "state" in self.__dict__:
+            self.state.close()
+        if "app" in self.__dict__ and self._app is None:
+            self.app.close()  # its broker connections and producer pool
+
     def call(
         self,
         pool: str,

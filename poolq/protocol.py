@@ -229,6 +229,13 @@ class Scripts:
         self._give(connection)
         return reply
 
+    def close(self) -> None:
+        """Close the idle connections (those in use close when given back)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
+
     def _take(self) -> Any:
         with self._lock:
             if self._pid != os.getpid():

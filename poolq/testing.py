@@ -209,6 +209,7 @@ class PoolFactory:
                 service.stop(timeout=20)
             for worker in pool.workers:
                 worker.stop()
+            pool.client.close()
         self.pools.clear()
 
     def environment(self, pool: RunningPool, extra: Mapping[str, str] | None = None) -> dict[str, str]:
