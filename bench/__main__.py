@@ -215,19 +215,30 @@ def bench_cast(stack: Stack, sizes: Sizes) -> dict[str, float]:
 def bench_warm_vs_cold(stack: Stack, sizes: Sizes) -> dict[str, float]:
     """An agent with a 1 s setup: a warm poolq call vs building the agent per request."""
     pool = stack.pool("bench_heavy", "bench.agents:Heavy", size=1, options={"setup_seconds": 1.0})
-    warm = []
+    solo = stack.pool("bench_heavy_solo", "bench.agents:Heavy", size=1, worker_pool="solo",
+                      options={"setup_seconds": 1.0})  # fmt: skip
+    warm, warm_solo = [], []
     for _ in range(sizes.warm_calls):
         started = time.perf_counter()
         pool.client.call("bench_heavy", 1)
         warm.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        solo.client.call("bench_heavy_solo", 1)
+        warm_solo.append(time.perf_counter() - started)
     cold = []
     with stack.bare_worker(1) as bare:
         for _ in range(sizes.cold_calls):
             started = time.perf_counter()
             bare.cold.apply_async((1,), queue=bare.QUEUE).get(timeout=30)
             cold.append(time.perf_counter() - started)
-    warm_p50, cold_p50 = statistics.median(warm), statistics.median(cold)
-    return {"warm_p50_ms": ms(warm_p50), "cold_p50_ms": ms(cold_p50), "ratio": round(cold_p50 / warm_p50, 1)}
+    warm_p50, cold_p50, solo_p50 = statistics.median(warm), statistics.median(cold), statistics.median(warm_solo)
+    return {
+        "warm_p50_ms": ms(warm_p50),
+        "cold_p50_ms": ms(cold_p50),
+        "ratio": round(cold_p50 / warm_p50, 1),
+        "solo_warm_p50_ms": ms(solo_p50),
+        "ratio_solo": round(cold_p50 / solo_p50, 1),
+    }
 
 
 def bench_acall(stack: Stack, sizes: Sizes) -> dict[str, float]:
