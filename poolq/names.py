@@ -73,6 +73,11 @@ def checkin(client: redis.Redis, name: str, host: str, pid: int, slot: str = "")
     pipe.execute()
 
 
+def release(client: redis.Redis, name: str) -> None:
+    """Put ``name`` back in the free set (its process already holds another)."""
+    client.sadd(FREE, name)
+
+
 def lookup(client: redis.Redis, host: str, pid: int, slot: str = "") -> str | None:
     """The name of the agent running in (host, pid), if it has one."""
     entry = client.hget(BY_PROCESS, process_key(host, pid, slot))

@@ -279,9 +279,11 @@ class AgentHost:
     def _rename(self, slot: AgentSlot) -> None:
         """Give the slot's next agent a name from the name pool (and the old one back)."""
         try:
-            if slot.setups:
-                names.checkin(self.state, slot.name, self.hostname, self.pid, slot.suffix)
+            old = slot.name if slot.setups else ""
             slot.name = names.checkout(self.state, slot.agent_id, self.hostname, self.pid, slot.suffix)
+            if old:
+                # Given back only now, so the new agent never gets its old name.
+                names.release(self.state, old)
         except redis.RedisError:
             logger.warning("no name from the name pool for %s; keeping %s", slot.agent_id, slot.name)
         if len(self.slots) == 1:
