@@ -73,11 +73,24 @@ _ERROR_KINDS: dict[str, type[errors.PoolqError]] = {
 }
 
 
+#: Pooled connections of one state client (the call path's own are apart, see Scripts).
+MAX_CONNECTIONS = 100
+
+
 def connect(url: str) -> redis.Redis:
     """A client for the state Redis; it decodes replies to ``str``."""
-    return redis.Redis.from_url(
-        url, decode_responses=True, health_check_interval=30, socket_timeout=SOCKET_TIMEOUT, socket_keepalive=True
+    # Blocking: a burst of threads (a web server's) waits its turn for a
+    # connection instead of failing with "Too many connections" past 100.
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=SOCKET_TIMEOUT,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_keepalive=True,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def reply_key(task_id: str) -> str:

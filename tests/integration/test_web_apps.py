@@ -192,3 +192,25 @@ def test_a_burst_from_many_threads(app: str) -> None:
             for thread in threads:
                 thread.join(timeout=60)
     assert results == {i: (200, f"t{i}") for i in range(300)}
+
+
+def test_status_from_200_threads_at_once(echo: RunningPool) -> None:
+    # More threads than the state client pools connections (100): they queue, none fails.
+    barrier = threading.Barrier(200)
+    sizes: list[int] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        barrier.wait(timeout=30)
+        try:
+            sizes.append(echo.client.status("echo").size)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sizes == [2] * 200
