@@ -30,7 +30,7 @@ import redis
 import redis.asyncio
 
 from . import protocol
-from .client import Client, check_seconds, default_client
+from .client import Client, default_client
 from .errors import (
     BrokerUnavailable,
     CallTimeout,
@@ -133,11 +133,7 @@ class AsyncClient:
         **kwargs: Any,
     ) -> Any:
         """``await`` a call: the parameters, result and errors of :meth:`Client.call`."""
-        config = self.client.config.pool(pool)
-        timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
-        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
-        self.client.check_payload(config, args, kwargs)
-        self.client.check_breaker(config)  # a Redis read at most once a second
+        config, timeout, call_timeout = self.client.admit(pool, args, kwargs, timeout, call_timeout)
         if not block or config.max_waiting is not None:
             await self._in_thread(self.client.check_capacity, config, block)
         mailbox = self._mailbox()

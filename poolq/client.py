@@ -118,11 +118,7 @@ class Client:
                 ``remote_traceback`` describe it.
             UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed.
         """
-        config = self.config.pool(pool)
-        timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
-        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
-        self.check_payload(config, args, kwargs)
-        self.check_breaker(config)
+        config, timeout, call_timeout = self.admit(pool, args, kwargs, timeout, call_timeout)
         self.check_capacity(config, block)
         task_id = str(uuid.uuid4())
         reply_to = protocol.reply_key(task_id)
@@ -243,6 +239,26 @@ class Client:
         return Handle(task_id, client=self)
 
     # -- the parts calls, casts and leases share ---------------------------
+
+    def admit(
+        self,
+        pool: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        call_timeout: float | None,
+    ) -> tuple[PoolConfig, float, float]:
+        """Check a call at the boundary, before anything is sent: its pool, timeouts (the pool's by default).
+
+        Raises:
+            UnknownPool, ValueError (a timeout not positive), InvalidPayload, PoolDegraded
+        """
+        config = self.config.pool(pool)
+        timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
+        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
+        self.check_payload(config, args, kwargs)
+        self.check_breaker(config)  # a Redis read at most once a second
+        return config, timeout, call_timeout
 
     def check_payload(self, pool: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Refuse arguments that are not plain JSON or exceed the pool's limit.

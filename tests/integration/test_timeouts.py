@@ -45,16 +45,7 @@ def test_checkout_timeout_when_no_agent_is_free_and_the_call_never_runs(
 
 
 def test_call_timeout_interrupts_the_call_and_replaces_the_agent(single: RunningPool, state: redis.Redis) -> None:
-    clear(state, "single")
-    started = time.monotonic()
-    with pytest.raises(CallTimeout):
-        single.client.call("single", sleep=5.0, call_timeout=0.5)
-    assert time.monotonic() - started < 3.0
-    # The interrupted agent is torn down and a fresh one set up (after the reply
-    # went out, while the process takes no work)
-    single.wait_for(lambda: len(events(state, "single")) == 2, timeout=10, what="agent replaced")
-    assert [kind for kind, _, _ in events(state, "single")] == ["teardown", "setup"]
-    assert single.client.call("single", marker="next")["calls"] == 1
+    _assert_call_timeout_replaces_the_agent(single, state)
 
 
 def test_timeouts_must_be_positive(single: RunningPool) -> None:
@@ -69,11 +60,17 @@ def test_call_timeout_on_a_solo_node(module_pools: PoolFactory, poolq_broker: st
     solo = module_pools.start(
         "solo", "tests.agents:Probe", size=1, worker_pool="solo", options={"redis_url": poolq_broker}
     )
-    clear(state, "solo")
+    _assert_call_timeout_replaces_the_agent(solo, state)
+
+
+def _assert_call_timeout_replaces_the_agent(pool: RunningPool, state: redis.Redis) -> None:
+    clear(state, pool.name)
     started = time.monotonic()
     with pytest.raises(CallTimeout):
-        solo.client.call("solo", sleep=5.0, call_timeout=0.5)
+        pool.client.call(pool.name, sleep=5.0, call_timeout=0.5)
     assert time.monotonic() - started < 3.0
-    solo.wait_for(lambda: len(events(state, "solo")) == 2, timeout=10, what="agent replaced")
-    assert [kind for kind, _, _ in events(state, "solo")] == ["teardown", "setup"]
-    assert solo.client.call("solo", marker="next")["calls"] == 1
+    # The interrupted agent is torn down and a fresh one set up (after the reply
+    # went out, while the process takes no work)
+    pool.wait_for(lambda: len(events(state, pool.name)) == 2, timeout=10, what="agent replaced")
+    assert [kind for kind, _, _ in events(state, pool.name)] == ["teardown", "setup"]
+    assert pool.client.call(pool.name, marker="next")["calls"] == 1
