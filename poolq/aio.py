@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 import redis.asyncio
 
-from . import protocol
+from . import options, protocol
 from .client import Client, default_client
 from .errors import (
     BrokerUnavailable,
@@ -39,8 +39,9 @@ from .errors import (
     PoolqError,
     PoolqTimeout,
 )
-from .lease import DEFAULT_LEASE_TTL, LIVENESS_SLICE
+from .lease import LIVENESS_SLICE, LeaseCore
 from .status import PoolStatus
+from .waiting import CallWait
 
 T = TypeVar("T")
 
@@ -74,6 +75,7 @@ class _Mailbox:
         return future
 
     async def _read(self) -> None:
+        delay = 0.05
         try:
             while self.pending:
                 try:
@@ -81,9 +83,13 @@ class _Mailbox:
                     if popped is None:
                         continue
                     batch = [popped[1], *(await self.state.lpop(self.key, DRAIN_BATCH) or [])]
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    self._fail_all(BrokerUnavailable(f"cannot reach the state Redis: {exc}"))
-                    return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    # The state Redis is away (a restart): each call keeps waiting
+                    # until its own deadline, then finds out for itself.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, protocol.RECONNECT_BACKOFF_MAX)
+                    continue
+                delay = 0.05
                 for raw in batch:
                     document = json.loads(raw)
                     future = self.pending.get(document.get("id", ""))
@@ -91,11 +97,6 @@ class _Mailbox:
                         future.set_result(document)
         finally:
             self.reader = None
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(exc)
 
 
 class AsyncClient:
@@ -114,6 +115,7 @@ class AsyncClient:
                 self.client.config.state_url,
                 decode_responses=True,
                 socket_timeout=protocol.SOCKET_TIMEOUT,
+                socket_connect_timeout=protocol.SOCKET_TIMEOUT,
                 socket_keepalive=True,
             )
             mailbox = self._loops[loop] = _Mailbox(state)
@@ -130,39 +132,49 @@ class AsyncClient:
         timeout: float | None = None,
         call_timeout: float | None = None,
         block: bool = True,
-        **kwargs: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
     ) -> Any:
         """``await`` a call: the parameters, result and errors of :meth:`Client.call`."""
-        config, timeout, call_timeout = self.client.admit(pool, args, kwargs, timeout, call_timeout)
-        if not block or config.max_waiting is not None:
-            await self._in_thread(self.client.check_capacity, config, block)
+        client = self.client
+        spec = client.admit(pool, args, options.keywords(keywords, kwargs), op, timeout, call_timeout, block)
+        if not block or spec.pool.max_waiting is not None:
+            await self._in_thread(client.check_capacity, spec.pool, block)
+        assert spec.timeout is not None and spec.call_timeout is not None
         mailbox = self._mailbox()
         task_id = str(uuid.uuid4())
         reply = mailbox.expect(task_id)
+        wait = CallWait(
+            pool=spec.pool.name,
+            timeout=spec.timeout,
+            call_timeout=spec.call_timeout,
+            max_deliveries=spec.pool.max_deliveries,
+            redelivery=client.config.redelivery_window,
+            started=time.monotonic(),
+        )
         try:
-            await self._in_thread(
-                self.client.send, config, args, kwargs, op, timeout, call_timeout, mailbox.key, task_id
-            )
-            try:
-                document = await asyncio.wait_for(asyncio.shield(reply), timeout)
-            except asyncio.TimeoutError:
-                if await self._give_up(mailbox, task_id):
-                    raise CheckoutTimeout(
-                        f"no agent of pool {pool!r} took the call within {timeout:g}s; it will not run"
-                    ) from None
-                try:
-                    document = await asyncio.wait_for(reply, call_timeout + protocol.CALL_GRACE)
-                except asyncio.TimeoutError:
-                    raise CallTimeout(
-                        f"the agent of pool {pool!r} did not finish the call within {call_timeout:g}s"
-                    ) from None
+            await self._in_thread(client.send, spec, task_id, mailbox.key)
+            deadline = wait.first_deadline
+            while not reply.done():
+                # Not wait_for: its TimeoutError would be confused with poolq's (also TimeoutErrors).
+                await asyncio.wait([reply], timeout=max(0.0, deadline - time.monotonic()))
+                if not reply.done():
+                    deadline = wait.next_deadline(time.monotonic(), await self._inspect(mailbox, task_id))
         finally:
             mailbox.pending.pop(task_id, None)
-        return protocol.result_of(document)
+        return protocol.result_of(reply.result())
 
-    async def _give_up(self, mailbox: _Mailbox, task_id: str) -> bool:
-        claimed = await mailbox.state.eval(protocol.EXPIRE_SCRIPT, 1, protocol.claim_key(task_id), protocol.CLAIM_TTL)
-        return bool(claimed)
+    async def _inspect(self, mailbox: _Mailbox, task_id: str, reply_to: str = "") -> protocol.ClaimView:
+        """:meth:`Client.inspect` on this loop's connection."""
+        try:
+            owner, *rest = await mailbox.state.eval(*protocol.give_up_command(task_id, reply_to))
+            owner = str(owner or "")
+            alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
+                await mailbox.state.exists(protocol.agent_key(owner))
+            )
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
+        return protocol.ClaimView(owner=owner, attempts=int(rest[0]) if rest else 0, alive=alive)
 
     async def aclose(self) -> None:
         """Close this event loop's connections (the mailbox reader ends with them)."""
@@ -253,20 +265,12 @@ class AsyncClient:
             await asyncio.sleep(poll)
 
 
-class AsyncLease:
+class AsyncLease(LeaseCore):
     """An agent held for several awaited calls; ``async with client.lease(pool) as agent``."""
 
     def __init__(self, aclient: AsyncClient, pool: str, timeout: float | None, ttl: float | None, block: bool) -> None:
+        super().__init__(aclient.client.config, pool, timeout, ttl, block)
         self.aclient = aclient
-        self.pool = aclient.client.config.pool(pool)
-        self.timeout = self.pool.timeout if timeout is None else timeout
-        self.ttl = DEFAULT_LEASE_TTL if ttl is None else ttl
-        self.block = block
-        self.id = str(uuid.uuid4())
-        self.agent_id = ""
-        self.agent_name = ""
-        self._seq = 0
-        self._open = False
 
     async def __aenter__(self) -> AsyncLease:
         return await self.acquire()
@@ -279,71 +283,69 @@ class AsyncLease:
     async def acquire(self) -> AsyncLease:
         """Wait for an agent to take the lease (errors of :meth:`Lease.acquire`)."""
         client = self.aclient.client
+        client.check_breaker(self.pool)
         if not self.block or self.pool.max_waiting is not None:
             await self.aclient._in_thread(client.check_capacity, self.pool, self.block)
-        replies = protocol.lease_replies_key(self.id)
-        headers = {protocol.HEADER_LEASE: self.id, protocol.HEADER_LEASE_TTL: self.ttl}
-        task_id = await self.aclient._in_thread(
-            functools.partial(client.send, self.pool, (), {}, None, self.timeout, None, replies, headers=headers)
+        task_id, replies = str(uuid.uuid4()), protocol.lease_replies_key(self.id)
+        await self.aclient._in_thread(
+            functools.partial(client.send, self.spec(), task_id, replies, headers=self.headers())
         )
         mailbox = self.aclient._mailbox()
         grant = await _pop(mailbox.state, replies, self.timeout)
         if grant is None:
-            if await self.aclient._give_up(mailbox, task_id):
+            if (await self.aclient._inspect(mailbox, task_id, replies)).given_up:
                 raise CheckoutTimeout(f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s")
             grant = await _pop(mailbox.state, replies, protocol.BLOCK_SLICE)
         if grant is None:
             raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
-        document = json.loads(grant)
-        if "ended" in document:
-            raise protocol.error_from({"kind": "unavailable", "type": "", "message": document.get("message", "")})
-        if "granted" not in document:
-            protocol.result_of(document)
-        self.agent_id, self.agent_name = document["granted"], document["name"]
-        self._open = True
+        self.granted(grant)
         return self
 
-    async def call(self, *args: Any, op: str | None = None, call_timeout: float | None = None, **kwargs: Any) -> Any:
+    async def call(
+        self,
+        *args: Any,
+        op: str | None = None,
+        call_timeout: float | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
+    ) -> Any:
         """``await`` a call on the leased agent (errors of :meth:`Lease.call`)."""
-        if not self._open:
-            raise LeaseLost(f"lease {self.id} on {self.pool.name!r} is not open")
-        self.aclient.client.check_payload(self.pool, args, kwargs)
-        call_timeout = self.pool.call_timeout if call_timeout is None else call_timeout
-        self._seq += 1
-        request = {"seq": self._seq, "op": op, "args": list(args), "kwargs": kwargs, "call_timeout": call_timeout}
+        request = self.request(args, op, call_timeout, options.keywords(keywords, kwargs))
         state = self.aclient._mailbox().state
         requests, replies = protocol.lease_requests_key(self.id), protocol.lease_replies_key(self.id)
-        async with state.pipeline(transaction=False) as pipe:
-            pipe.rpush(requests, json.dumps(request))
-            pipe.expire(requests, int(self.ttl) + protocol.REPLY_TTL)
-            await pipe.execute()
-        deadline = time.monotonic() + call_timeout + protocol.CALL_GRACE
-        while True:
-            popped = await state.blpop([replies], timeout=min(max(deadline - time.monotonic(), 0.01), LIVENESS_SLICE))
-            if popped is not None:
-                document = json.loads(popped[1])
-                if document.get("seq", self._seq) != self._seq:
-                    continue  # a late reply to an earlier call that timed out
-                if "ended" in document:
+        try:
+            async with state.pipeline(transaction=False) as pipe:
+                pipe.rpush(requests, json.dumps(request))
+                pipe.expire(requests, int(self.ttl) + protocol.REPLY_TTL)
+                await pipe.execute()
+            deadline = time.monotonic() + request["call_timeout"] + protocol.CALL_GRACE
+            while True:
+                left = max(deadline - time.monotonic(), 0.01)
+                popped = await state.blpop([replies], timeout=min(left, LIVENESS_SLICE))
+                if popped is not None:
+                    if not self.is_current(str(popped[1])):
+                        continue  # a late reply to an earlier call that timed out
+                    return self.reply(str(popped[1]))
+                if not await state.exists(protocol.agent_key(self.agent_id)):
                     self._open = False
-                    raise LeaseLost(f"lease {self.id} on {self.pool.name!r} ended: {document['ended']}")
-                if document.get("error", {}).get("kind") == "call_timeout":
+                    raise LeaseLost(f"the agent {self.agent_name} of lease {self.id} died")
+                if time.monotonic() >= deadline:
                     self._open = False
-                return protocol.result_of(document)
-            if not await state.exists(protocol.agent_key(self.agent_id)):
-                self._open = False
-                raise LeaseLost(f"the agent {self.agent_name} of lease {self.id} died")
-            if time.monotonic() >= deadline:
-                self._open = False
-                raise CallTimeout(f"the leased agent {self.agent_name} did not answer within {call_timeout:g}s")
+                    raise CallTimeout(
+                        f"the leased agent {self.agent_name} did not answer within {request['call_timeout']:g}s"
+                    )
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
 
     async def release(self, broken: bool = False) -> None:
         """Give the agent back (reset, or recycled when ``broken``). Idempotent."""
-        if not self._open:
-            return
-        self._open = False
-        state = self.aclient._mailbox().state
-        await state.rpush(protocol.lease_requests_key(self.id), json.dumps({"release": True, "broken": broken}))
+        message = self.release_message(broken)
+        if message is not None:
+            state = self.aclient._mailbox().state
+            try:
+                await state.rpush(protocol.lease_requests_key(self.id), message)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
 
 
 async def _pop(state: redis.asyncio.Redis, key: str, seconds: float) -> str | None:
@@ -368,11 +370,12 @@ async def acall(
     timeout: float | None = None,
     call_timeout: float | None = None,
     block: bool = True,
-    **kwargs: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    **keywords: Any,
 ) -> Any:
     """``await`` a call on ``pool`` (see :meth:`AsyncClient.call`)."""
     return await default_async_client().call(
-        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, **kwargs
+        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, kwargs=kwargs, **keywords
     )
 
 

@@ -13,18 +13,19 @@ from typing import Any
 from celery import Celery, Task
 from kombu.entity import Queue
 
-from .config import Config, PoolConfig, load_config
+from .config import RESTORE_INTERVAL, Config, PoolConfig, load_config
 
 #: The queue that carries maintenance; only the maintenance worker consumes it.
 CONTROL_QUEUE = "poolq.control"
 #: The Celery task name of a maintenance run.
 MAINTAIN_TASK = "poolq.maintain"
 
-#: Seconds the broker waits for an ack before it redelivers a message (Redis
-#: transport). poolq's claims keep a redelivered call from running twice.
-VISIBILITY_TIMEOUT = 3600
 #: Seconds Celery waits for a new worker process beyond the pool's setup_timeout.
 PROCESS_START_MARGIN = 10.0
+#: Socket timeouts of the broker connections: a broker that vanished without
+#: closing its connections is noticed within this many seconds.
+BROKER_SOCKET_TIMEOUT = 10.0
+BROKER_CONNECT_TIMEOUT = 5.0
 
 
 def celery_settings(config: Config) -> dict[str, Any]:
@@ -47,10 +48,23 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "broker_url": config.broker_url,
         # kombu's Redis transport minus a client object per message (poolq.transport).
         "broker_transport": "poolq.transport:Transport" if config.broker_url.startswith("redis://") else None,
-        "result_backend": config.state_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
-        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "broker_connection_timeout": BROKER_CONNECT_TIMEOUT,
+        # Redis transport: a message taken but not acknowledged goes back to
+        # its queue after visibility_timeout. Live nodes renew theirs every
+        # heartbeat (poolq.worker.redelivery), so only a dead node's calls
+        # ever reach it; the sweep that restores them runs every few seconds.
+        "broker_transport_options": {
+            "visibility_timeout": config.project.redelivery_timeout,
+            "unacked_restore_interval": RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": BROKER_SOCKET_TIMEOUT,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
+        },
+        # Replies and cast results travel through poolq's own keys
+        # (poolq.protocol), never through a Celery result backend.
+        "result_backend": None,
+        "task_ignore_result": True,
         # JSON only: a pickle message is refused before any code sees it.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -66,8 +80,6 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "task_routes": routes,
         "beat_schedule": schedule,
         "task_default_queue": "poolq.default",
-        "result_expires": config.project.result_expires,
-        "result_extended": True,
         # Flower needs task events; poolq's claims replace mingle's revoke sync.
         "worker_send_task_events": True,
         "task_send_sent_event": False,
@@ -76,11 +88,18 @@ def celery_settings(config: Config) -> dict[str, Any]:
 
 
 class PoolTask(Task):  # type: ignore[misc]
-    """The Celery task class that carries calls to one pool's agents."""
+    """The Celery task class that carries calls to one pool's agents.
+
+    Its strategy and request class (worker side, named by path so a client
+    never imports them) look at each message before a process gets it: a
+    payload nested too deep is answered with InvalidPayload, and a redelivered
+    copy of a call whose first run is alive is held back (poolq.worker.guard).
+    """
 
     typing = False  # arguments are checked against the agent's own signature
-    acks_late = True
-    reject_on_worker_lost = True
+    ignore_result = True
+    Strategy = "poolq.worker.guard:strategy"
+    Request = "poolq.worker.guard:PoolRequest"
 
 
 def _run_call(task: Task, /, *args: Any, **kwargs: Any) -> Any:

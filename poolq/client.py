@@ -3,12 +3,12 @@
 The call path, top to bottom::
 
     call(pool, *args, **kwargs)
-      -> check pool, payload                         (typed errors, nothing sent)
-      -> Celery send_task to queue poolq.<pool>      (expires = now + timeout)
-      -> BLPOP poolq:reply:<id>, up to timeout
-         -> nothing yet: try to claim the call as expired
+      -> check pool, options, payload                (typed errors, nothing sent)
+      -> Celery send_task to queue poolq.<pool>      (headers: reply list, deadline)
+      -> BLPOP poolq:reply:<id> until the deadline
+         -> nothing yet: try to claim the call as given up
             -> won: CheckoutTimeout (the call will never run)
-            -> an agent has it: BLPOP up to call_timeout + grace, else CallTimeout
+            -> an agent has it: wait call_timeout + grace more (poolq.waiting)
       -> decode the reply: the result, or the typed error it carries
 """
 
@@ -19,37 +19,60 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import celery.exceptions
+import amqp.exceptions
 import kombu.exceptions
 import redis
 from celery import Celery
-from celery.result import AsyncResult
 
-from . import protocol, queues, registry
+from . import options, protocol, queues, registry
 from .app import create_app, default_app
 from .config import Config, PoolConfig, load_config
 from .errors import (
-    AgentError,
     BrokerUnavailable,
-    CallTimeout,
-    CheckoutTimeout,
-    InvalidPayload,
     PoolDegraded,
-    PoolExhausted,
     PoolqError,
+    PoolExhausted,
     PoolqTimeout,
     ResultTimeout,
 )
 from .lease import Lease
 from .queues import same_redis
 from .status import PoolStatus, read_status
+from .waiting import CallWait
 
 #: Seconds a client trusts what it last read of a pool's circuit breaker.
 BREAKER_CACHE = 1.0
+#: How hard Celery tries to publish while the broker is unreachable: about a
+#: second in all, then the call fails with BrokerUnavailable.
+PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.3, "interval_max": 0.5}
+#: Errors that mean the broker or the state Redis cannot be reached.
+CONNECTION_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    kombu.exceptions.OperationalError,
+    amqp.exceptions.RecoverableConnectionError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """A call checked at the boundary, ready to be sent."""
+
+    pool: PoolConfig
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    op: str | None
+    #: Seconds the call may wait for an agent; None: forever (a cast's default).
+    timeout: float | None
+    #: Seconds the agent may spend on it; None for a lease (its calls carry their own).
+    call_timeout: float | None
 
 
 class Client:
@@ -96,44 +119,41 @@ class Client:
         timeout: float | None = None,
         call_timeout: float | None = None,
         block: bool = True,
-        **kwargs: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
     ) -> Any:
         """Run ``op`` (default ``handle``) on an agent of ``pool`` and return its result.
 
         Parameters:
             pool: a configured pool name.
-            args, kwargs: the operation's arguments (plain JSON).
+            args, keywords: the operation's arguments (plain JSON).
             op: the agent operation; ``None`` runs ``handle``.
             timeout: seconds to wait for a free agent (default: the pool's).
                 A call not started by then never runs.
             call_timeout: seconds the agent may spend on it (default: the pool's).
             block: ``False`` fails at once with ``PoolExhausted`` when no agent
                 is free and overflow is spent, instead of waiting in the queue.
+            kwargs: more keyword arguments for the operation, for names the
+                client keeps for itself (``timeout``, ``op``, ...).
+
+        The caller waits at most ``timeout + call_timeout + 2`` seconds, plus
+        the same again for each delivery lost to an agent that died (see
+        :mod:`poolq.waiting`).
 
         Raises:
-            UnknownPool, InvalidPayload, PoolExhausted: before anything is sent.
+            UnknownPool, InvalidOption, InvalidPayload, PoolExhausted, PoolDegraded: before anything is sent.
             CheckoutTimeout: no agent took the call within ``timeout``.
             CallTimeout: the agent did not finish within ``call_timeout``.
             AgentError: the agent raised; ``remote_type``, ``message`` and
                 ``remote_traceback`` describe it.
-            UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed.
+            UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed, BrokerUnavailable.
         """
-        config, timeout, call_timeout = self.admit(pool, args, kwargs, timeout, call_timeout)
-        self.check_capacity(config, block)
+        spec = self.admit(pool, args, options.keywords(keywords, kwargs), op, timeout, call_timeout, block)
+        self.check_capacity(spec.pool, block)
         task_id = str(uuid.uuid4())
         reply_to = protocol.reply_key(task_id)
-        self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=reply_to, task_id=task_id)
-        with self.translate_errors():
-            reply = self.scripts.pop(reply_to, timeout)
-            if reply is None:
-                if self.give_up(task_id):
-                    raise CheckoutTimeout(
-                        f"no agent of pool {pool!r} took the call within {timeout:g}s; it will not run"
-                    )
-                reply = self.scripts.pop(reply_to, call_timeout + protocol.CALL_GRACE)
-        if reply is None:
-            raise CallTimeout(f"the agent of pool {pool!r} did not finish the call within {call_timeout:g}s")
-        return protocol.decode_reply(reply)
+        self.send(spec, task_id, reply_to)
+        return protocol.decode_reply(self.wait_reply(spec, task_id, reply_to))
 
     def cast(
         self,
@@ -143,21 +163,22 @@ class Client:
         timeout: float | None = None,
         call_timeout: float | None = None,
         block: bool = True,
-        **kwargs: Any,
+        kwargs: Mapping[str, Any] | None = None,
+        **keywords: Any,
     ) -> Handle:
         """Send a call and return at once with a :class:`Handle` on its result.
 
         ``timeout`` (default: none) is how long the call may wait in the queue;
         the other parameters and errors are those of :meth:`call`.
         """
-        config = self.config.pool(pool)
-        if timeout is not None:
-            check_seconds("timeout", timeout)
-        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
-        self.check_payload(config, args, kwargs)
-        self.check_breaker(config)
-        self.check_capacity(config, block)
-        return Handle(self.send(config, args, kwargs, op, timeout, call_timeout, reply_to=None), client=self)
+        spec = self.admit(
+            pool, args, options.keywords(keywords, kwargs), op, timeout, call_timeout, block, queue_forever=True
+        )
+        self.check_capacity(spec.pool, block)
+        task_id = str(uuid.uuid4())
+        self.send(spec, task_id, protocol.reply_key(task_id), result=protocol.result_key(task_id))
+        deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
+        return Handle(task_id, client=self, deadline=deadline)
 
     def lease(self, pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:
         """Hold one agent of ``pool`` for several calls (see :class:`~poolq.lease.Lease`).
@@ -227,7 +248,7 @@ class Client:
         Raises:
             UnknownPool, BrokerUnavailable.
         """
-        config = self.config.pool(pool)
+        config = self.config.pool(options.pool_name(pool))
         with self.translate_errors():
             waiting = None
             if not self._queue_in_state:
@@ -245,37 +266,32 @@ class Client:
         pool: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        op: str | None,
         timeout: float | None,
         call_timeout: float | None,
-    ) -> tuple[PoolConfig, float, float]:
-        """Check a call at the boundary, before anything is sent: its pool, timeouts (the pool's by default).
+        block: bool,
+        queue_forever: bool = False,
+    ) -> CallSpec:
+        """Check a call at the boundary, before anything is sent: pool, options, payload, breaker.
+
+        ``timeout`` defaults to the pool's, or to none with ``queue_forever`` (a cast).
 
         Raises:
-            UnknownPool, ValueError (a timeout not positive), InvalidPayload, PoolDegraded
+            UnknownPool, InvalidOption, InvalidPayload, PoolDegraded
         """
-        config = self.config.pool(pool)
-        timeout = config.timeout if timeout is None else check_seconds("timeout", timeout)
-        call_timeout = config.call_timeout if call_timeout is None else check_seconds("call_timeout", call_timeout)
-        self.check_payload(config, args, kwargs)
+        config = self.config.pool(options.pool_name(pool))
+        options.flag("block", block)
+        spec = CallSpec(
+            pool=config,
+            args=args,
+            kwargs=kwargs,
+            op=options.operation(op),
+            timeout=options.seconds("timeout", timeout, None if queue_forever else config.timeout),
+            call_timeout=options.seconds("call_timeout", call_timeout, config.call_timeout) or config.call_timeout,
+        )
+        protocol.check_arguments(config.name, args, kwargs, config.max_payload_bytes)
         self.check_breaker(config)  # a Redis read at most once a second
-        return config, timeout, call_timeout
-
-    def check_payload(self, pool: PoolConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Refuse arguments that are not plain JSON or exceed the pool's limit.
-
-        Raises:
-            InvalidPayload
-        """
-        try:
-            body = json.dumps([args, kwargs], allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise InvalidPayload(f"arguments for pool {pool.name!r} are not plain JSON: {exc}") from None
-        size = len(body.encode())
-        if size > pool.max_payload_bytes:
-            raise InvalidPayload(
-                f"arguments for pool {pool.name!r} are {size} bytes, over the limit of {pool.max_payload_bytes} "
-                "(max_payload_bytes)"
-            )
+        return spec
 
     def check_breaker(self, pool: PoolConfig) -> None:
         """Fail fast while the pool's circuit breaker is open (its setups keep failing).
@@ -284,7 +300,7 @@ class Client:
         it costs the call path a round trip once a second, not per call.
 
         Raises:
-            PoolDegraded
+            PoolDegraded, BrokerUnavailable
         """
         now = time.monotonic()
         checked_at, error = self._breakers.get(pool.name, (-math.inf, None))
@@ -315,44 +331,77 @@ class Client:
 
     def send(
         self,
-        pool: PoolConfig,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        op: str | None,
-        timeout: float | None,
-        call_timeout: float | None,
-        reply_to: str | None,
-        task_id: str | None = None,
+        spec: CallSpec,
+        task_id: str,
+        reply_to: str,
+        result: str | None = None,
         headers: dict[str, Any] | None = None,
-    ) -> str:
-        """Put the call on the pool's queue; its id.
+    ) -> None:
+        """Put the call on the pool's queue; the reply goes to the list ``reply_to``.
 
-        ``reply_to`` names the Redis list for the reply (``call``); without
-        one the result goes to Celery's result backend (``cast``).
+        ``result`` names the key that keeps a cast's result. The deadline for
+        an agent to take the call travels in a poolq header, not in Celery's
+        ``expires``: Celery drops an expired message unseen, even a call an
+        agent already started and that must be taken over after a crash.
+
+        Raises:
+            BrokerUnavailable: the broker stayed unreachable for about a second.
         """
-        task_id = task_id or str(uuid.uuid4())
-        message_headers: dict[str, Any] = {protocol.HEADER_OP: op, **(headers or {})}
-        if reply_to:
-            message_headers[protocol.HEADER_REPLY] = reply_to
+        message_headers: dict[str, Any] = {
+            protocol.HEADER_OP: spec.op,
+            protocol.HEADER_REPLY: reply_to,
+            protocol.HEADER_CALL_TIMEOUT: spec.call_timeout,
+            protocol.HEADER_DEADLINE: protocol.deadline_after(spec.timeout),
+            **(headers or {}),
+        }
+        if result:
+            message_headers[protocol.HEADER_RESULT] = result
         with self.translate_errors():
             self.app.send_task(
-                pool.task_name,
-                args=args,
-                kwargs=kwargs,
+                spec.pool.task_name,
+                args=spec.args,
+                kwargs=spec.kwargs,
                 task_id=task_id,
-                queue=pool.queue,
-                routing_key=pool.queue,
-                expires=timeout,
-                soft_time_limit=call_timeout,
-                ignore_result=bool(reply_to),
+                queue=spec.pool.queue,
+                routing_key=spec.pool.queue,
                 headers=message_headers,
+                retry=True,
+                retry_policy=PUBLISH_RETRY,
             )
-        return task_id
 
-    def give_up(self, task_id: str) -> bool:
-        """Claim a call as expired; True when no agent had started it (it never will)."""
+    def wait_reply(self, spec: CallSpec, task_id: str, reply_to: str, what: str = "call") -> str:
+        """Wait for the reply of a sent call, as :mod:`poolq.waiting` says; the raw reply.
+
+        Raises:
+            CheckoutTimeout, CallTimeout, BrokerUnavailable.
+        """
+        assert spec.timeout is not None and spec.call_timeout is not None
+        wait = CallWait(
+            pool=spec.pool.name,
+            timeout=spec.timeout,
+            call_timeout=spec.call_timeout,
+            max_deliveries=spec.pool.max_deliveries,
+            redelivery=self.config.redelivery_window,
+            started=time.monotonic(),
+            what=what,
+        )
+        deadline = wait.first_deadline
         with self.translate_errors():
-            return protocol.expire(self.scripts, task_id)
+            while True:
+                reply = self.scripts.pop(reply_to, deadline)
+                if reply is not None:
+                    return reply
+                deadline = wait.next_deadline(time.monotonic(), self.inspect(task_id, reply_to))
+
+    def inspect(self, task_id: str, reply_to: str = "", result: str = "") -> protocol.ClaimView:
+        """Give the call up unless an agent holds it; the claim as it stands then."""
+        owner, attempts = protocol.give_up(
+            self.scripts, task_id, reply_to=reply_to, result=result, result_ttl=self.config.project.result_expires
+        )
+        alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
+            self.scripts.command("EXISTS", protocol.agent_key(owner))
+        )
+        return protocol.ClaimView(owner=owner, attempts=attempts, alive=alive)
 
     @staticmethod
     @contextmanager
@@ -360,7 +409,9 @@ class Client:
         """Turn a lost broker or state Redis into :class:`BrokerUnavailable`."""
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
+        except PoolqError:
+            raise  # poolq's own timeouts are TimeoutErrors too
+        except CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"cannot reach the broker or the state Redis: {exc}") from exc
 
     @functools.cached_property
@@ -376,69 +427,78 @@ class Handle:
         handle = poolq.cast("embed", texts=["hello"])
         later = poolq.Handle(handle.id)        # in another process
         vectors = later.result(timeout=30)
+
+    Its result stays readable by id for ``result_expires`` seconds (``[poolq]``
+    in the configuration, a day by default), and raises the same typed errors
+    as :func:`call`.
     """
 
-    def __init__(self, task_id: str, client: Client | None = None) -> None:
+    #: Longest single wait on the result's notification list: another reader
+    #: may take the notification, so each slice looks at the stored result again.
+    SLICE = 1.0
+
+    def __init__(self, task_id: str, client: Client | None = None, deadline: float | None = None) -> None:
         self.id = task_id
         self._client = client
+        #: When the cast stops waiting for an agent (monotonic; known to the process that sent it).
+        self._deadline = deadline
 
     def __repr__(self) -> str:
         return f"<poolq.Handle {self.id}>"
 
     @property
-    def _async(self) -> AsyncResult:
-        return AsyncResult(self.id, app=(self._client or default_client()).app)
+    def client(self) -> Client:
+        return self._client or default_client()
 
     @property
     def state(self) -> str:
-        """Celery's state of the call: PENDING, STARTED, SUCCESS or FAILURE."""
-        with Client.translate_errors():
-            return str(self._async.state)
+        """The state of the call: PENDING (queued), STARTED (an agent runs it), SUCCESS or FAILURE."""
+        client = self.client
+        with client.translate_errors():
+            stored = client.state.get(protocol.result_key(self.id))
+            if stored is not None:
+                return "SUCCESS" if "ok" in json.loads(stored) else "FAILURE"
+            owner = client.state.hget(protocol.claim_key(self.id), "owner")
+        if owner == protocol.EXPIRED:
+            return "FAILURE"
+        return "PENDING" if owner is None else "STARTED"
 
     def ready(self) -> bool:
         """Whether the call has finished (successfully or not)."""
-        with Client.translate_errors():
-            return bool(self._async.ready())
+        client = self.client
+        with client.translate_errors():
+            return bool(client.state.exists(protocol.result_key(self.id)))
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait up to ``timeout`` seconds (default: forever) and return the result.
 
         Raises:
             ResultTimeout: the call has not finished within ``timeout``.
-            CheckoutTimeout, CallTimeout, AgentError, ...: as :meth:`Client.call`.
+            CheckoutTimeout, CallTimeout, AgentError, AgentCrashed, ...: as :meth:`Client.call`.
         """
-        result = self._async
-        try:
-            with Client.translate_errors():
-                value = result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
-        except celery.exceptions.TimeoutError:
-            raise ResultTimeout(f"cast {self.id} has not finished after {timeout:g}s") from None
-        if result.successful():
-            return value
-        raise remote_error(value, result.traceback or "")
-
-
-def remote_error(exc: BaseException, remote_traceback: str) -> PoolqError:
-    """The typed poolq error for an exception Celery stored for a failed cast."""
-    if isinstance(exc, PoolqError):
-        return exc
-    if isinstance(exc, (celery.exceptions.SoftTimeLimitExceeded, celery.exceptions.TimeLimitExceeded)):
-        return CallTimeout(f"the agent did not finish the call within its time limit ({exc})")
-    cls = type(exc)
-    name = (
-        cls.__qualname__
-        if cls.__module__ in ("builtins", "celery.utils.serialization")
-        else f"{cls.__module__}.{cls.__qualname__}"
-    )
-    message = str(exc.args[0]) if len(exc.args) == 1 else str(exc)
-    return AgentError(name, message, remote_traceback)
-
-
-def check_seconds(name: str, value: float) -> float:
-    """``value`` as float seconds; ValueError unless it is a positive number."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
+        client = self.client
+        timeout = options.seconds("timeout", timeout)
+        give_up_at = self._deadline
+        until = math.inf if timeout is None else time.monotonic() + timeout
+        key, notify = protocol.result_key(self.id), protocol.reply_key(self.id)
+        with client.translate_errors():
+            while True:
+                stored = client.scripts.command("GET", key)
+                if stored is not None:
+                    return protocol.decode_reply(str(stored))
+                now = time.monotonic()
+                if give_up_at is not None and now >= give_up_at:
+                    # Nobody took the cast within its timeout: close it (a
+                    # CheckoutTimeout result), unless an agent holds it.
+                    client.inspect(self.id, result=key)
+                    give_up_at = None
+                    continue
+                if now >= until:
+                    raise ResultTimeout(f"cast {self.id} has not finished after {timeout:g}s")
+                slice_end = min(until, now + self.SLICE, give_up_at or math.inf)
+                reply = client.scripts.pop(notify, slice_end)
+                if reply is not None:
+                    return protocol.decode_reply(reply)
 
 
 @functools.cache
@@ -455,10 +515,13 @@ def call(
     timeout: float | None = None,
     call_timeout: float | None = None,
     block: bool = True,
-    **kwargs: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    **keywords: Any,
 ) -> Any:
     """Run a call on ``pool`` and wait for its result (see :meth:`Client.call`)."""
-    return default_client().call(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, **kwargs)
+    return default_client().call(
+        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, kwargs=kwargs, **keywords
+    )
 
 
 def status(pool: str) -> PoolStatus:
@@ -473,10 +536,13 @@ def cast(
     timeout: float | None = None,
     call_timeout: float | None = None,
     block: bool = True,
-    **kwargs: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    **keywords: Any,
 ) -> Handle:
     """Send a call to ``pool`` and return a :class:`Handle` at once (see :meth:`Client.cast`)."""
-    return default_client().cast(pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, **kwargs)
+    return default_client().cast(
+        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, kwargs=kwargs, **keywords
+    )
 
 
 def lease(pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:

@@ -23,6 +23,8 @@ Environment:
     POOLQ_STATE_URL     Redis URL for replies, claims and the registry
                         (default: the broker URL when it is Redis)
     POOLQ_STATE_DIR     where ``poolq up`` keeps its files (default ``.poolq``)
+    POOLQ_REDELIVERY_TIMEOUT  seconds before a dead node's calls go to another
+                        (default 30; see ``[poolq] redelivery_timeout``)
     POOLQ_<POOL>__<KEY> override one scalar key of one pool, for example
                         ``POOLQ_ECHO__SIZE=4``
 """
@@ -85,6 +87,11 @@ DEFAULT_BREAKER_WINDOW = 60.0
 DEFAULT_BREAKER_RESET = 30.0
 #: Seconds a cast's result stays readable by id.
 DEFAULT_RESULT_EXPIRES = 24 * 3600
+#: Seconds after which the broker hands a call again to another agent when the
+#: node that took it stopped renewing it (it died) and its death could not be seen sooner.
+DEFAULT_REDELIVERY_TIMEOUT = 30.0
+#: Seconds between two sweeps that hand such calls back to their queue.
+RESTORE_INTERVAL = 2.0
 
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _ENV_OVERRIDE = re.compile(r"^POOLQ_([A-Z][A-Z0-9_]*?)__([A-Z][A-Z0-9_]*)$")
@@ -179,6 +186,9 @@ class ProjectConfig(_Model):
     broker_url: str | None = None
     state_url: str | None = None
     result_expires: int = Field(default=DEFAULT_RESULT_EXPIRES, ge=1)
+    # Live nodes renew their calls every 2 s, so this only bounds how long a
+    # dead node's calls wait; it need not exceed any call_timeout.
+    redelivery_timeout: float = Field(default=DEFAULT_REDELIVERY_TIMEOUT, ge=10, le=3600)
 
 
 class _FileModel(_Model):
@@ -196,6 +206,11 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     env_broker_url: str | None = None
     env_state_url: str | None = None
+
+    @property
+    def redelivery_window(self) -> float:
+        """Longest time between an agent's death and its call's next delivery."""
+        return self.project.redelivery_timeout + 2 * RESTORE_INTERVAL
 
     def pool(self, name: str) -> PoolConfig:
         """The pool called ``name``.
@@ -258,6 +273,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
 
+    if env.get("POOLQ_REDELIVERY_TIMEOUT"):
+        raw.setdefault("poolq", {})["redelivery_timeout"] = env["POOLQ_REDELIVERY_TIMEOUT"]
     try:
         file_model = _FileModel.model_validate(raw)
     except ValidationError as exc:

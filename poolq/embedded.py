@@ -74,6 +74,7 @@ class EmbeddedRedis:
     Parameters:
         directory: data and log files (created if missing).
         persist: keep queued calls across restarts (append-only file).
+        port: the port to listen on (default: a free one, chosen at start).
 
     Example::
 
@@ -83,10 +84,11 @@ class EmbeddedRedis:
         server.stop()
     """
 
-    def __init__(self, directory: Path, persist: bool = True) -> None:
+    def __init__(self, directory: Path, persist: bool = True, port: int | None = None) -> None:
         self.directory = Path(directory)
         self.persist = persist
-        self.port: int | None = None
+        self.fixed_port = port
+        self.port: int | None = port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -104,7 +106,7 @@ class EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         binary = server_binary()
         for _ in range(attempts):
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
             self.process = subprocess.Popen(
                 self._argv(binary),
                 cwd=self.directory,
@@ -115,11 +117,17 @@ class EmbeddedRedis:
                 preexec_fn=child_preexec,
             )
             if self._wait_ready():
+                self.fixed_port = self.port  # a later start comes back on the same port
                 return self.url
             self.stop()  # most likely the port was taken meanwhile: try another
         log = self.directory / "server.log"
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
         raise EmbeddedBrokerError(f"the embedded broker ({binary}) did not start; its log ends:\n{tail}")
+
+    def restart(self) -> str:
+        """Stop the server and start it again on the same port (clients keep their URL)."""
+        self.stop()
+        return self.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server by pid (SIGTERM: it flushes its append-only file), then reap it."""

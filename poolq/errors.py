@@ -30,7 +30,11 @@ class UnknownPool(PoolqError):
 
 
 class InvalidPayload(PoolqError):
-    """Arguments are not plain JSON or exceed the pool's size limit."""
+    """Arguments are not plain JSON, nest too deep, or exceed the pool's size limit."""
+
+
+class InvalidOption(PoolqError, ValueError):
+    """A client option (``timeout``, ``call_timeout``, ``ttl``, ``op``, ``block``) has a bad value."""
 
 
 class UnknownOperation(PoolqError):

@@ -1,22 +1,26 @@
 """What crosses Redis between a poolq client and a poolq worker, besides the task.
 
 Celery carries the task message (broker queue ``poolq.<pool>``, acks late).
-Around it poolq keeps two small records in its state Redis:
+Its headers say what poolq needs: the operation, where the reply goes, the
+call's deadline for an agent to take it, its ``call_timeout``, and for a
+cast the key that keeps its result. Around it poolq keeps small records in
+its state Redis:
 
 **The claim** (``poolq:claim:<task id>``, a hash: owner, attempts). Before an
-agent runs a call, its worker claims the task atomically; a client whose
-``timeout`` ran out claims it as ``expired``. Whoever claims first decides,
-so a call that raised :class:`~poolq.errors.CheckoutTimeout` can never run
-later, whatever the clocks say. The same record makes redeliveries safe: a
-copy redelivered while its first run is alive is skipped (Redis visibility
-timeout), a copy whose runner died is taken over (kill -9 mid-task), and a
-copy that killed ``max_deliveries`` runners fails as a poison pill.
+agent runs a call, its worker claims the task atomically; a call still
+unclaimed at its deadline (by the Redis server's clock) is claimed as
+``expired`` instead, by the worker that finds it or by its caller. Whoever
+claims first decides, so a call that raised
+:class:`~poolq.errors.CheckoutTimeout` can never run later. The same record
+makes redeliveries safe: a copy of a call whose first run is alive is held
+back until that run ends; a copy whose runner died is taken over (whatever
+its deadline: it was accepted); a copy that killed ``max_deliveries``
+runners fails as a poison pill.
 
-**The reply** (``poolq:reply:<task id>``, a list): the worker pushes one JSON
-document and the client ``BLPOP``\\ s it. This replaces Celery's result
-backend for ``call``: no SUBSCRIBE/UNSUBSCRIBE per call and no stored result.
-``cast`` keeps Celery's result backend, so its result can be read by id from
-any process.
+**The reply** (a list the caller names: ``poolq:reply:<task id>``, or an
+event loop's mailbox): the worker pushes one JSON document and the caller
+``BLPOP``\\ s it. A cast's reply also goes to ``poolq:result:<task id>``,
+kept for ``result_expires`` seconds, where any process reads it by id.
 
 The agent's registry record is updated inside the same round trips (claim:
 busy; done: idle), so the registry costs the call path nothing.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -38,10 +43,16 @@ import redis
 
 from . import errors
 
-#: Celery message headers poolq adds to a call: the operation, and the Redis
-#: list the reply goes to (none for a cast).
+#: Celery message headers poolq adds to a call.
 HEADER_OP = "poolq_op"
+#: The Redis list the reply is pushed to.
 HEADER_REPLY = "poolq_reply"
+#: A cast's result key (none for a call).
+HEADER_RESULT = "poolq_result"
+#: The time (epoch seconds, on the state Redis's clock) by which an agent must take the call.
+HEADER_DEADLINE = "poolq_deadline"
+#: Seconds the agent may spend on the call.
+HEADER_CALL_TIMEOUT = "poolq_call_timeout"
 #: A lease request carries its lease id and its idle TTL in seconds.
 HEADER_LEASE = "poolq_lease"
 HEADER_LEASE_TTL = "poolq_lease_ttl"
@@ -52,14 +63,22 @@ SOCKET_TIMEOUT = 10.0
 BLOCK_SLICE = 8.0
 #: Seconds a caller waits past ``call_timeout`` for the worker's own timeout reply.
 CALL_GRACE = 2.0
+#: Seconds past ``call_timeout`` after which a worker kills an agent that ignored its interruption.
+HARD_GRACE = 1.0
 #: Seconds an unread reply is kept (the caller may have given up).
 REPLY_TTL = 300
-#: Seconds a claim outlives its task; must exceed the broker's visibility
-#: timeout so a late redelivery still finds it.
+#: Seconds a claim outlives its task; longer than any redelivery can take.
 CLAIM_TTL = 2 * 3600
+#: Deepest nesting of lists and objects accepted in arguments (deeper ones could
+#: exhaust the interpreter's stack where the message is decoded or handed on).
+MAX_NESTING = 100
+#: Longest pause between two tries while the state Redis is unreachable.
+RECONNECT_BACKOFF_MAX = 1.0
 
 EXPIRED = "expired"
 DONE = "done"
+#: A claim's verdict when the worker found the call unclaimed past its deadline.
+TIMED_OUT = "timed_out"
 
 _ERROR_KINDS: dict[str, type[errors.PoolqError]] = {
     "unknown_operation": errors.UnknownOperation,
@@ -88,6 +107,7 @@ def connect(url: str) -> redis.Redis:
         decode_responses=True,
         health_check_interval=30,
         socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
         socket_keepalive=True,
     )
     return redis.Redis(connection_pool=pool)
@@ -95,6 +115,10 @@ def connect(url: str) -> redis.Redis:
 
 def reply_key(task_id: str) -> str:
     return f"poolq:reply:{task_id}"
+
+
+def result_key(task_id: str) -> str:
+    return f"poolq:result:{task_id}"
 
 
 def claim_key(task_id: str) -> str:
@@ -115,11 +139,21 @@ def lease_replies_key(lease_id: str) -> str:
     return f"poolq:lease:{lease_id}:replies"
 
 
-# KEYS: claim, agent.  ARGV: owner, claim ttl, now, task id.
-# Returns {"run", attempts} when this owner got the claim, else {owner, attempts}.
+# KEYS: claim, agent.  ARGV: owner, claim ttl, now, task id, deadline ('' for none).
+# Returns {"run", 1} when this owner got the claim, {"timed_out", 0} when the
+# call was still unclaimed past its deadline (by the server's clock: one clock
+# for every host) and is now expired, else {owner, attempts}.
 _CLAIM = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
+  if ARGV[5] ~= '' then
+    local t = redis.call('TIME')
+    if tonumber(t[1]) + tonumber(t[2]) / 1000000 > tonumber(ARGV[5]) then
+      redis.call('HSET', KEYS[1], 'owner', 'expired')
+      redis.call('EXPIRE', KEYS[1], ARGV[2])
+      return {'timed_out', 0}
+    end
+  end
   redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'attempts', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -143,19 +177,20 @@ end
 return attempts
 """
 
-# KEYS: reply, claim, agent, pool stats.  ARGV: reply ('' for none), reply
-# ttl, claim ttl, now, agent requests, 1 if the operation ran, the agent's
-# state from now on.  The agent
-# record is only touched while its heartbeat lives, so a late finish cannot
-# resurrect a record without a TTL.
+# KEYS: reply, claim, agent, pool stats, result ('' for a call).  ARGV: reply,
+# reply ttl, claim ttl, now, agent requests, 1 if the operation ran, the
+# agent's state from now on, result ttl.  The agent record is only touched
+# while its heartbeat lives, so a late finish cannot resurrect a record
+# without a TTL.
 _FINISH = """
-if ARGV[1] ~= '' then
-  redis.call('RPUSH', KEYS[1], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if KEYS[5] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[8])
 end
 redis.call('HSET', KEYS[2], 'owner', 'done')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-if redis.call('EXISTS', KEYS[3]) == 1 then
+if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'state', ARGV[7], 'last_used_at', ARGV[4], 'requests', ARGV[5], 'task', '')
 end
 if ARGV[6] == '1' then
@@ -164,13 +199,21 @@ end
 return 1
 """
 
-# KEYS: claim.  ARGV: claim ttl.  Returns 1 when the caller's expiry won.
-EXPIRE_SCRIPT = """
+# KEYS: claim, reply ('' for none), result ('' for none).  ARGV: claim ttl,
+# the CheckoutTimeout reply, reply ttl, result ttl.  The caller gives up: when
+# no agent holds the call it is marked expired (it will never run) and the
+# reply is written for whoever reads it; returns {''} then, else {owner, attempts}.
+_GIVE_UP = """
 if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
-  return 1
+  if KEYS[2] ~= '' then
+    redis.call('RPUSH', KEYS[2], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+  if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[4]) end
+  return {''}
 end
-return 0
+return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
 """
 
 
@@ -181,6 +224,23 @@ class Claim:
     run: bool
     owner: str = ""
     attempts: int = 1
+
+
+@dataclass(frozen=True)
+class ClaimView:
+    """A claim as its caller sees it when it stops waiting for a reply.
+
+    ``owner`` is empty when the caller's own give-up won (the call never runs),
+    ``expired``, ``done``, or the id of the agent that holds the call.
+    """
+
+    owner: str
+    attempts: int = 0
+    alive: bool = False
+
+    @property
+    def given_up(self) -> bool:
+        return self.owner in ("", EXPIRED)
 
 
 class Scripts:
@@ -212,11 +272,42 @@ class Scripts:
             self.command("SCRIPT", "LOAD", script)
             return self.command("EVALSHA", sha, len(keys), *keys, *args)
 
-    def pop(self, key: str, seconds: float) -> str | None:
-        """BLPOP ``key`` for up to ``seconds``, at most :data:`BLOCK_SLICE` per round trip."""
-        deadline = time.monotonic() + seconds
+    def run_until(self, deadline: float, script: str, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`run`, tried again while the server is unreachable, until ``deadline`` (monotonic).
+
+        Raises:
+            redis.ConnectionError: still unreachable at the deadline.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return self.run(script, keys, args)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+
+    def pop(self, key: str, deadline: float) -> str | None:
+        """BLPOP ``key`` until ``deadline`` (monotonic), at most :data:`BLOCK_SLICE` per round trip.
+
+        Rides out a state Redis that is unreachable for a while (a restart):
+        the wait goes on until the deadline.
+
+        Raises:
+            redis.ConnectionError: the server was unreachable when the deadline came.
+        """
+        delay = 0.05
         while (left := deadline - time.monotonic()) > 0:
-            popped = self.command("BLPOP", key, round(min(left, BLOCK_SLICE), 3))
+            try:
+                popped = self.command("BLPOP", key, _block_seconds(left))
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+                continue
+            delay = 0.05
             if popped is not None:
                 return str(popped[1])
         return None
@@ -268,20 +359,29 @@ class Scripts:
         connection.disconnect()
 
 
+def _block_seconds(left: float) -> float:
+    # BLPOP takes its timeout in seconds with millisecond precision; 0 would block forever.
+    return max(0.001, round(min(left, BLOCK_SLICE), 3))
+
+
 @functools.cache
 def _sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
-def claim(scripts: Scripts, task_id: str, owner: str, agent_id: str, now: float) -> Claim:
-    """Claim ``task_id`` for ``owner``; say who holds it otherwise."""
+def claim(
+    scripts: Scripts, task_id: str, owner: str, agent_id: str, now: float, deadline: float | None = None
+) -> Claim:
+    """Claim ``task_id`` for ``owner``; say who holds it otherwise (``expired`` past an unclaimed deadline)."""
     verdict, attempts = scripts.run(
-        _CLAIM, keys=[claim_key(task_id), agent_key(agent_id)], args=[owner, CLAIM_TTL, now, task_id]
+        _CLAIM,
+        keys=[claim_key(task_id), agent_key(agent_id)],
+        args=[owner, CLAIM_TTL, now, task_id, "" if deadline is None else repr(deadline)],
     )
     # Our own name: a retried claim whose first answer was lost on the way.
     if verdict in ("run", owner):
         return Claim(run=True, owner=owner, attempts=int(attempts))
-    return Claim(run=False, owner=verdict, attempts=int(attempts))
+    return Claim(run=False, owner=str(verdict), attempts=int(attempts))
 
 
 def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent_id: str, now: float) -> int:
@@ -295,15 +395,31 @@ def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent
     )
 
 
-def expire(scripts: Scripts, task_id: str) -> bool:
-    """Mark a call as given up by its caller; True when no agent had started it."""
-    return bool(scripts.run(EXPIRE_SCRIPT, keys=[claim_key(task_id)], args=[CLAIM_TTL]))
+def give_up_command(task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0) -> list[Any]:
+    """The EVAL arguments of a caller's give-up (see :func:`give_up`), for any Redis client."""
+    expired = errors.CheckoutTimeout(f"no agent took call {task_id} before its deadline; it will not run")
+    keys = [claim_key(task_id), reply_to, result]
+    args = [CLAIM_TTL, encode_error(task_id, "checkout_timeout", expired, ""), REPLY_TTL, result_ttl or REPLY_TTL]
+    return [_GIVE_UP, len(keys), *keys, *args]
+
+
+def give_up(
+    scripts: Scripts, task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0
+) -> tuple[str, int]:
+    """The caller stops waiting for an agent: ``("", 0)`` when it won (the call never runs), else (owner, attempts).
+
+    When it wins, a :class:`~poolq.errors.CheckoutTimeout` reply goes to
+    ``reply_to`` and ``result`` (a cast's result key), if given.
+    """
+    script, count, *rest = give_up_command(task_id, reply_to, result, result_ttl)
+    owner, *attempts = scripts.run(script, keys=rest[:count], args=rest[count:])
+    return str(owner or ""), int(attempts[0]) if attempts else 0
 
 
 def finish(
     scripts: Scripts,
     task_id: str,
-    reply: str | None,
+    reply: str,
     reply_to: str,
     agent_id: str,
     stats_key: str,
@@ -311,17 +427,78 @@ def finish(
     ran: bool,
     now: float,
     agent_state: str = "idle",
+    result: str = "",
+    result_ttl: int = 0,
+    retry_until: float | None = None,
 ) -> None:
-    """In one round trip: push the reply, close the claim, set the agent's state, count the call."""
-    scripts.run(
-        _FINISH,
-        keys=[reply_to or reply_key(task_id), claim_key(task_id), agent_key(agent_id), stats_key],
-        args=[reply or "", REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state],
-    )
+    """In one round trip: push the reply (and keep a cast's result), close the claim, set the agent's state.
+
+    With ``retry_until`` (monotonic), a state Redis that is unreachable (a
+    restart) is tried again until then, so a call that finished during the
+    outage still reaches its caller.
+    """
+    keys = [reply_to or reply_key(task_id), claim_key(task_id), agent_key(agent_id) if agent_id else "", stats_key]
+    args = [reply, REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state, result_ttl or REPLY_TTL]
+    if retry_until is None:
+        scripts.run(_FINISH, keys=[*keys, result], args=args)
+    else:
+        scripts.run_until(retry_until, _FINISH, keys=[*keys, result], args=args)
+
+
+def nesting(value: Any, limit: int = MAX_NESTING) -> int:
+    """How deep lists and dicts nest in ``value`` (0 for a scalar), without recursion.
+
+    Stops counting once past ``limit``.
+    """
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def argument_nesting(body: Any) -> int:
+    """The nesting of the deepest argument in a message body (``[args, kwargs, ...]``)."""
+    return max(0, nesting(body, MAX_NESTING + 2) - 2)
+
+
+def check_arguments(pool: str, args: Any, kwargs: Any, max_bytes: int) -> int:
+    """The size of the arguments as JSON, once they are found plain JSON, not too deep nor too big.
+
+    Raises:
+        InvalidPayload
+    """
+    if argument_nesting([args, kwargs]) > MAX_NESTING:
+        raise errors.InvalidPayload(
+            f"arguments for pool {pool!r} nest more than {MAX_NESTING} levels deep (lists and objects)"
+        )
+    try:
+        body = json.dumps([args, kwargs], allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise errors.InvalidPayload(f"arguments for pool {pool!r} are not plain JSON: {exc}") from None
+    size = len(body.encode())
+    if size > max_bytes:
+        raise errors.InvalidPayload(
+            f"arguments for pool {pool!r} are {size} bytes, over the limit of {max_bytes} (max_payload_bytes)"
+        )
+    return size
 
 
 def encode_result(task_id: str, result: Any) -> str:
     """The reply for a successful call. Raises TypeError/ValueError if not plain JSON."""
+    if nesting(result) > MAX_NESTING:
+        raise ValueError(f"the result nests more than {MAX_NESTING} levels deep")
     return json.dumps({"id": task_id, "ok": result}, allow_nan=False, separators=(",", ":"))
 
 
@@ -357,3 +534,10 @@ def error_from(error: dict[str, str]) -> errors.PoolqError:
     if error["kind"] == "crashed":
         return errors.AgentCrashed(error["type"], error["message"], error.get("traceback", ""))
     return errors.AgentError(error["type"], error["message"], error.get("traceback", ""))
+
+
+def deadline_after(seconds: float | None) -> float | None:
+    """The epoch time ``seconds`` from now (a call's deadline header), or None."""
+    if seconds is None or math.isinf(seconds):
+        return None
+    return time.time() + seconds

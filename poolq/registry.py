@@ -27,6 +27,9 @@ from .protocol import agent_key
 HEARTBEAT_INTERVAL = 2.0
 #: Seconds after the last heartbeat at which an agent counts as gone.
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
+#: Seconds after the last heartbeat at which status shows an agent as ``lost``
+#: (its process is most likely dead; its record expires at HEARTBEAT_TTL).
+HEARTBEAT_STALE = 2 * HEARTBEAT_INTERVAL
 
 # KEYS: agents set, nodes set, stats hash, queue list ('' when the queue lives
 # elsewhere).  Returns {agents, nodes, stats, queue length}: every record of a
@@ -48,7 +51,9 @@ local function records(members, prefix)
 end
 local waiting = -1
 if KEYS[4] ~= '' then waiting = redis.call('LLEN', KEYS[4]) end
-return {records(KEYS[1], 'poolq:agent:'), records(KEYS[2], 'poolq:node:'), redis.call('HGETALL', KEYS[3]), waiting}
+local t = redis.call('TIME')
+return {records(KEYS[1], 'poolq:agent:'), records(KEYS[2], 'poolq:node:'), redis.call('HGETALL', KEYS[3]), waiting,
+        t[1] .. '.' .. string.format('%06d', t[2])}
 """
 
 
@@ -149,11 +154,13 @@ class Snapshot:
     stats: dict[str, str]
     #: Calls in the pool's queue, or None when the queue is not in this Redis.
     waiting: int | None
+    #: The state Redis's clock when the snapshot was read (heartbeats are stamped by it).
+    server_time: float = 0.0
 
 
 def snapshot(client: redis.Redis, pool: str, queue: str = "") -> Snapshot:
     """Read the pool's agents, nodes and counters (and ``queue``'s length, if given) in one round trip."""
-    agents, nodes, stats, waiting = client.eval(
+    agents, nodes, stats, waiting, server_time = client.eval(
         _SNAPSHOT, 4, pool_agents_key(pool), pool_nodes_key(pool), stats_key(pool), queue
     )
     return Snapshot(
@@ -161,6 +168,7 @@ def snapshot(client: redis.Redis, pool: str, queue: str = "") -> Snapshot:
         nodes=[{**_pairs(fields), "id": str(id_)} for id_, fields in _records(nodes)],
         stats=_pairs(stats),
         waiting=None if int(waiting) < 0 else int(waiting),
+        server_time=float(server_time),
     )
 
 
@@ -173,11 +181,15 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 
 
 # KEYS: records.  ARGV: ttl, then field/value pairs for every record.
-# Refreshes each live record; returns the keys that had vanished.
+# Refreshes each live record and stamps it with the server's time (one clock
+# for every host); returns the keys that had vanished.
 _BEAT = """
 local missing = {}
+local t = redis.call('TIME')
+local now = t[1] .. '.' .. string.format('%06d', t[2])
 for _, key in ipairs(KEYS) do
   if redis.call('EXPIRE', key, ARGV[1]) == 1 then
+    redis.call('HSET', key, 'beat_at', now)
     if #ARGV > 1 then redis.call('HSET', key, unpack(ARGV, 2)) end
   else
     table.insert(missing, key)
@@ -211,6 +223,7 @@ class Heartbeat:
         self._after = after
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poolq-heartbeat", daemon=True)
+        self._failing = False
 
     def start(self) -> None:
         self._thread.start()
@@ -225,8 +238,15 @@ class Heartbeat:
                 extra = [item for k, v in (self._fields() if self._fields else {}).items() for item in (k, _flat(v))]
                 for key in self._client.eval(_BEAT, len(keys), *keys, int(HEARTBEAT_TTL), *extra):
                     self._republish(str(key))
-            except redis.RedisError:
-                logger.warning("heartbeat to the registry failed", exc_info=True)
+            except redis.RedisError as exc:
+                # Said once per outage, not every beat.
+                if not self._failing:
+                    logger.warning("the registry is unreachable (%s); its records lapse until it is back", exc)
+                self._failing = True
+                continue
+            if self._failing:
+                logger.warning("the registry is reachable again")
+                self._failing = False
             if self._after is not None:
                 try:
                     self._after()

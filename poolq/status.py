@@ -8,6 +8,9 @@ The numbers follow poolboy's (Normandy, Jido): ``size`` base agents,
 - ``overflow``: extra agents are running and overflow is not spent;
 - ``full``: no agent is free and overflow is spent (new calls wait);
 - ``degraded``: no agent can serve (none running, or every setup failed).
+
+An agent whose heartbeat is late shows as ``lost``: its process most likely
+died (a killed node), and it counts as neither available nor in use.
 """
 
 from __future__ import annotations
@@ -90,7 +93,9 @@ def read_status(state: redis.Redis, pool: PoolConfig, waiting: int | None = None
     snap = registry.snapshot(state, pool.name, pool.queue if waiting is None else "")
     if waiting is None:
         waiting = snap.waiting or 0
-    return summarize(pool, snap.agents, snap.nodes, snap.stats, waiting=waiting, now=time.time())
+    return summarize(
+        pool, snap.agents, snap.nodes, snap.stats, waiting=waiting, now=time.time(), server_time=snap.server_time
+    )
 
 
 def summarize(
@@ -100,8 +105,12 @@ def summarize(
     stats: dict[str, str],
     waiting: int,
     now: float,
+    server_time: float = 0.0,
 ) -> PoolStatus:
-    """Turn registry records into a :class:`PoolStatus` (pure: tests call it directly)."""
+    """Turn registry records into a :class:`PoolStatus` (pure: tests call it directly).
+
+    ``server_time`` is the state Redis's clock, which stamps the heartbeats.
+    """
     node_infos = [
         NodeInfo(
             id=n["id"],
@@ -114,7 +123,7 @@ def summarize(
         )
         for n in nodes
     ]
-    agent_infos = [_agent(a, now) for a in agents]
+    agent_infos = [_agent(a, now, server_time) for a in agents]
     size = overflow = 0
     for node in node_infos:
         count = sum(1 for a in agent_infos if a.node == node.id)
@@ -154,10 +163,13 @@ def summarize(
     )
 
 
-def _agent(record: dict[str, str], now: float) -> AgentInfo:
+def _agent(record: dict[str, str], now: float, server_time: float = 0.0) -> AgentInfo:
     started = as_float(record.get("started_at"))
     last_used = as_float(record.get("last_used_at"))
     state = record.get("state", "")
+    beat_at = as_float(record.get("beat_at"))
+    if beat_at and server_time and server_time - beat_at > registry.HEARTBEAT_STALE:
+        state = "lost"  # its heartbeat stopped: its process is most likely dead
     return AgentInfo(
         id=record["id"],
         name=record.get("name", record["id"]),

@@ -26,19 +26,17 @@ import importlib.util
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psutil
 import redis
-from billiard.pool import SIG_SOFT_TIMEOUT
 from billiard.process import current_process
 
 from .. import names, registry
@@ -47,6 +45,7 @@ from ..config import PoolConfig
 from ..errors import AgentUnavailable, ConfigError
 from ..policy import jittered
 from ..protocol import agent_key
+from . import limits
 
 logger = logging.getLogger("poolq.worker")
 
@@ -105,12 +104,26 @@ class AgentSlot:
 
 
 class AgentHost:
-    """The agents of this process for one pool."""
+    """The agents of this process for one pool.
 
-    def __init__(self, pool: PoolConfig, state: redis.Redis, node: str, slots: int = 1) -> None:
+    ``retire`` asks the node to replace this whole process after the current
+    call (a prefork child whose memory teardown cannot give back).
+    """
+
+    def __init__(
+        self,
+        pool: PoolConfig,
+        state: redis.Redis,
+        node: str,
+        slots: int = 1,
+        retire: Callable[[str], None] | None = None,
+    ) -> None:
         self.pool = pool
         self.state = state
         self.node = node
+        self.retire = retire
+        #: Whether a stuck setup may be ended with its process (not where other agents share it).
+        self.hard_limits = pool.worker_pool != "threads"
         self.agent_class = load_agent_class(pool)
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
@@ -135,15 +148,27 @@ class AgentHost:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        """Name every agent, start the heartbeat, then build the agents."""
+        """Name every agent, start the heartbeat, then build the agents.
+
+        While the pool's circuit breaker is open (setups keep failing, or hang
+        until they are ended) a new process does not try again at once: its
+        agents wait, failed, until the breaker lets calls try (half-open).
+        """
         for slot in self.slots:
             # Published before the name is taken: the name pool reclaims the
             # names of agents without a live record.
             self._publish(slot)
             self._rename(slot)
         self._heartbeat.start()
+        hold, error = self._breaker_hold()
         for slot in self.slots:
-            self._setup(slot)
+            if hold > 0:
+                slot.state, slot.setup_error = "failed", f"not set up while the pool is degraded: {error}"
+                slot.retry_at = time.monotonic() + hold
+                self._publish(slot)
+                logger.warning("agent %s: pool %s is degraded, setup held off %.0fs", slot.name, self.pool.name, hold)
+            else:
+                self._setup(slot)
             with self._cond:
                 self._free.append(slot)
                 self._cond.notify()
@@ -221,24 +246,27 @@ class AgentHost:
     def recycle(self, slot: AgentSlot, reason: str) -> None:
         """Replace the slot's agent by a fresh one in place (teardown, then setup).
 
-        Runs inside the current call, after its reply went out, with Celery's
-        soft time limit held off: the setup is not part of the call.
+        Runs inside the current call, after its reply went out and outside
+        the call's time limit: the setup is not part of the call.
         """
         logger.info("recycling agent %s: %s", slot.name, reason)
         slot.state = "recycling"
         self._publish(slot)
-        with _soft_time_limit_held():
-            self._teardown(slot)
-            self._count(recycles=1)
-            self._rename(slot)  # a new agent, a new name
-            memory = self.pool.max_memory_mb
-            if memory is not None:
-                gc.collect()
-                if rss_mb() > memory:
-                    # Teardown did not give the memory back: only a new process will.
-                    logger.warning("agent %s: %.0f MB after teardown; asking for a new process", slot.name, rss_mb())
-                    self._mark_for_replacement(slot, f"memory over {memory:g} MB after teardown")
-            self._setup(slot)
+        self._teardown(slot)
+        self._count(recycles=1)
+        self._rename(slot)  # a new agent, a new name
+        memory = self.pool.max_memory_mb
+        if memory is not None:
+            gc.collect()
+            if rss_mb() > memory:
+                # Teardown did not give the memory back: only a new process will.
+                # It takes no more work: it is retired once this call is done.
+                logger.warning("agent %s: %.0f MB after teardown; retiring its process", slot.name, rss_mb())
+                self._mark_for_replacement(slot, f"memory over {memory:g} MB after teardown")
+                if self.retire is not None:
+                    self.retire(f"memory over {memory:g} MB after teardown")
+                    return
+        self._setup(slot)
 
     # -- internals ---------------------------------------------------------
 
@@ -246,16 +274,22 @@ class AgentHost:
         slot.state = "starting"
         agent = self.agent_class(self.pool.options, pool=self.pool.name, name=slot.name)
         started = time.monotonic()
+        limit = self.pool.setup_timeout
+
+        def report_stuck() -> None:
+            # From the watchdog, just before it ends this process.
+            self._setup_failed(slot, f"SetupTimeout: setup() ran past setup_timeout ({limit:g}s) and did not stop")
+
         try:
-            agent.setup()
+            with limits.limit(limit, limits.SetupDeadline, report_stuck, f"setup of {slot.name}", self.hard_limits):
+                agent.setup()
+        except limits.SetupDeadline:
+            self._setup_failed(slot, f"SetupTimeout: setup() ran past setup_timeout ({limit:g}s)")
+            with contextlib.suppress(Exception):
+                agent.teardown()  # whatever it built before it was stopped
         except Exception as exc:
-            slot.agent = None
-            slot.state = "failed"
-            slot.setup_error = f"{type(exc).__name__}: {exc}"
-            slot.retry_at = time.monotonic() + slot.retry_delay
-            slot.retry_delay = min(slot.retry_delay * 2, self.pool.breaker_reset)
             logger.error("setup of agent %s failed:\n%s", slot.name, traceback.format_exc())
-            self._record_setup(slot, ok=False)
+            self._setup_failed(slot, f"{type(exc).__name__}: {exc}")
         else:
             slot.agent = agent
             slot.state = "idle"
@@ -275,6 +309,27 @@ class AgentHost:
             self._record_setup(slot, ok=True)
             logger.info("agent %s ready in %.2fs", slot.name, time.monotonic() - started)
         self._publish(slot)
+
+    def _setup_failed(self, slot: AgentSlot, error: str) -> None:
+        slot.agent = None
+        slot.state = "failed"
+        slot.setup_error = error
+        slot.retry_at = time.monotonic() + slot.retry_delay
+        slot.retry_delay = min(slot.retry_delay * 2, self.pool.breaker_reset)
+        logger.error("agent %s is unavailable: %s", slot.name, error)
+        self._record_setup(slot, ok=False)
+        self._publish(slot)
+
+    def _breaker_hold(self) -> tuple[float, str]:
+        """Seconds until the pool's open breaker lets setups try again (0 when closed), and its error."""
+        try:
+            stats = {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(self.pool.name)).items()}
+        except redis.RedisError:
+            return 0.0, ""
+        now = time.time()
+        if not registry.breaker_open(stats, now):
+            return 0.0, ""
+        return float(stats.get("breaker_until") or now) - now, stats.get("breaker_error", "")
 
     def _rename(self, slot: AgentSlot) -> None:
         """Give the slot's next agent a name from the name pool (and the old one back)."""
@@ -370,16 +425,3 @@ class AgentHost:
             registry.publish(self.state, self.pool.name, slot.agent_id, fields)
         except redis.RedisError:
             logger.warning("could not publish %s to the registry", slot.agent_id, exc_info=True)
-
-
-@contextlib.contextmanager
-def _soft_time_limit_held() -> Iterator[None]:
-    """Ignore Celery's soft time limit signal inside the block (main thread only)."""
-    if SIG_SOFT_TIMEOUT is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(SIG_SOFT_TIMEOUT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(SIG_SOFT_TIMEOUT, previous)

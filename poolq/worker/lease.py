@@ -21,7 +21,7 @@ import redis
 
 from .. import protocol, registry
 from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
-from . import alarm
+from . import limits
 from .host import AgentSlot
 
 logger = logging.getLogger("poolq.worker")
@@ -44,14 +44,14 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
     ended, broken, served = "expired", True, slot.requests
     try:
         while True:
-            raw = runtime.scripts.pop(requests, ttl)
+            raw = runtime.scripts.pop(requests, time.monotonic() + ttl)
             if raw is None:
                 break  # the client sent nothing for ttl seconds: it is gone
             request = json.loads(raw)
             if "release" in request:
                 ended, broken = "released", bool(request.get("broken"))
                 break
-            reply, outcome = _run(runtime, slot, agent, request)
+            reply, outcome = _run(runtime, slot, agent, request, lease_id, ttl)
             _push(state, replies, ttl, reply)
             if outcome is not None:
                 ended, broken = outcome, True
@@ -63,7 +63,9 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
     return ended, broken
 
 
-def _run(runtime: Any, slot: AgentSlot, agent: Any, request: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def _run(
+    runtime: Any, slot: AgentSlot, agent: Any, request: dict[str, Any], lease_id: str, ttl: float
+) -> tuple[dict[str, Any], str | None]:
     """Run one request; the reply, and why the lease must end (or None)."""
     seq = request["seq"]
     try:
@@ -72,12 +74,24 @@ def _run(runtime: Any, slot: AgentSlot, agent: Any, request: dict[str, Any]) -> 
         return {"seq": seq, **_error(_KINDS[type(exc)], exc, "")}, None
     slot.requests += 1
     slot.last_used_at = time.time()
+    timeout = CallTimeout(f"lease call {seq} ({request.get('op') or 'handle'}) ran past its call_timeout")
+    replies = protocol.lease_replies_key(lease_id)
+
+    def report_stuck() -> None:
+        # From the watchdog, just before it ends this process.
+        _push(runtime.state, replies, ttl, {"seq": seq, **_error("call_timeout", timeout, "")})
+
     try:
-        with alarm.deadline(float(request.get("call_timeout") or 0)):
+        with limits.limit(
+            float(request.get("call_timeout") or 0),
+            limits.CallDeadline,
+            report_stuck,
+            f"lease call {seq} of {lease_id}",
+            hard=runtime.hard_limits,
+        ):
             result = operation()
-        json.dumps(result, allow_nan=False)
-    except alarm.CallDeadline:
-        timeout = CallTimeout(f"lease call {seq} ({request.get('op') or 'handle'}) ran past its call_timeout")
+        protocol.encode_result("", result)
+    except limits.CallDeadline:
         return {"seq": seq, **_error("call_timeout", timeout, "")}, "call_timeout"
     except Exception as exc:
         healthy = runtime.host.healthy(slot)

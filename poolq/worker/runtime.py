@@ -2,8 +2,8 @@
 
 The Celery task of every pool is a thin shell around :func:`run_call`: the
 task message brings the arguments, and this module claims the call, lends an
-agent, runs the operation and finishes the call in one more round trip (reply,
-claim closed, agent idle).
+agent, runs the operation within its limits and finishes the call in one
+more round trip (reply, claim closed, agent idle).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.utils.time import maybe_iso8601
+from celery.exceptions import Ignore, Reject
 
 from .. import protocol, registry
 from ..config import Config, PoolConfig
@@ -31,10 +30,14 @@ from ..errors import (
     PoolDegraded,
     UnknownOperation,
 )
-from . import alarm, lease
+from . import lease, limits
 from .host import AgentHost, AgentSlot
 
 logger = logging.getLogger("poolq.worker")
+
+#: Seconds a worker keeps trying to write a call's claim or reply while the
+#: state Redis is unreachable (a restart), so a call that ran still reaches its caller.
+STATE_RETRY = 30.0
 
 # Set on an exception once its error reply went out.
 _REPORTED = "__poolq_reported__"
@@ -49,6 +52,11 @@ class Runtime:
     host: AgentHost
     state: redis.Redis
     scripts: protocol.Scripts
+
+    @property
+    def hard_limits(self) -> bool:
+        """Whether a stuck agent may be ended with its process (not where other agents share it)."""
+        return self.pool.worker_pool != "threads"
 
     @classmethod
     def create(cls, config: Config, pool: PoolConfig, node: str, slots: int) -> Runtime:
@@ -81,15 +89,35 @@ def current() -> Runtime | None:
 
 @dataclass(frozen=True)
 class Call:
-    """One call as the worker sees it."""
+    """One call as the worker sees it (from the task message's headers)."""
 
     task_id: str
     op: str | None
-    reply_to: str | None
+    reply_to: str
+    #: A cast's result key ('' for a call).
+    result: str = ""
+    #: Epoch seconds by which an agent must take the call; None: no deadline.
+    deadline: float | None = None
+    call_timeout: float | None = None
     lease: str | None = None
     lease_ttl: float = 0.0
-    #: The call_timeout poolq enforces itself (solo workers; see :mod:`.alarm`).
-    deadline: float | None = None
+
+    @classmethod
+    def from_request(cls, request: Any) -> Call:
+        def header(name: str) -> Any:
+            return getattr(request, name, None)
+
+        deadline, call_timeout = header(protocol.HEADER_DEADLINE), header(protocol.HEADER_CALL_TIMEOUT)
+        return cls(
+            task_id=request.id,
+            op=header(protocol.HEADER_OP) or None,
+            reply_to=header(protocol.HEADER_REPLY) or protocol.reply_key(request.id),
+            result=header(protocol.HEADER_RESULT) or "",
+            deadline=float(deadline) if deadline else None,
+            call_timeout=float(call_timeout) if call_timeout else None,
+            lease=header(protocol.HEADER_LEASE) or None,
+            lease_ttl=float(header(protocol.HEADER_LEASE_TTL) or 0),
+        )
 
 
 def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -97,20 +125,10 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     runtime = _runtime
     if runtime is None:
         raise RuntimeError("poolq: this worker process hosts no agent (is it started by `poolq worker POOL`?)")
-    request = task.request
-    call = Call(
-        task_id=request.id,
-        op=getattr(request, protocol.HEADER_OP, None),
-        reply_to=getattr(request, protocol.HEADER_REPLY, None) or None,
-        lease=getattr(request, protocol.HEADER_LEASE, None) or None,
-        lease_ttl=float(getattr(request, protocol.HEADER_LEASE_TTL, 0) or 0),
-        deadline=_soft_limit(request) if runtime.pool.worker_pool == "solo" else None,
-    )
+    call = Call.from_request(task.request)
     with runtime.host.checkout() as slot:
         try:
-            attempt = _admit(runtime, slot, call, _deadline(request.expires))
-            if not attempt:
-                raise Ignore()
+            attempt = _admit(runtime, slot, call)
             if call.lease:
                 # A lease redelivered after its agent died is not served again:
                 # its client has lost that agent's state and hears LeaseLost.
@@ -123,7 +141,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 runtime.host.after_call(slot)
                 return {"lease": call.lease, "ended": ended}
             return _invoke(runtime, slot, call, list(args), kwargs)
-        except Ignore:
+        except (Ignore, Reject):
             raise
         except Exception as exc:
             # Whatever went wrong, the caller hears it now rather than at its timeout.
@@ -133,38 +151,36 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             raise
 
 
-def _soft_limit(request: Any) -> float | None:
-    _, soft = request.timelimit or (None, None)
-    return float(soft) if soft else None
+def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
+    """Claim the call for this agent: the delivery number.
 
-
-def _deadline(expires: Any) -> float | None:
-    """The call's expiry as a timestamp (Celery hands it over as ISO text or datetime)."""
-    if expires is None:
-        return None
-    return float(maybe_iso8601(expires).timestamp() if isinstance(expires, str) else expires.timestamp())
-
-
-def _admit(runtime: Runtime, slot: AgentSlot, call: Call, deadline: float | None) -> int:
-    """Claim the call for this agent: the delivery number, or 0 when it must not run here."""
-    if deadline is not None and deadline < time.time():
-        # Celery checks expiry on receipt, but a prefork job can wait in the
-        # parent's buffer past it; the claim makes the verdict final.
-        if protocol.expire(runtime.scripts, call.task_id):
-            expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
-            _fail(runtime, slot, call, "checkout_timeout", expired)
-            raise expired
-        return 0
+    Raises:
+        Ignore: the call must not run here (done, or given up by its caller).
+        Reject: its first run is alive (the node holds this copy back and retries).
+        CheckoutTimeout: still unclaimed past its deadline: it never runs.
+        AgentCrashed: it killed its runner ``max_deliveries`` times.
+    """
     now = time.time()
-    claim = protocol.claim(runtime.scripts, call.task_id, slot.agent_id, slot.agent_id, now)
+    claim = _retrying(
+        lambda: protocol.claim(runtime.scripts, call.task_id, slot.agent_id, slot.agent_id, now, call.deadline)
+    )
     if claim.run:
         return 1
-    if claim.owner in (protocol.EXPIRED, protocol.DONE) or _owner_alive(runtime, claim.owner):
+    if claim.owner == protocol.TIMED_OUT:
+        # Celery's own expiry would drop the message unseen, even a call an agent
+        # had started and died on; the claim makes the verdict, atomically.
+        expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
+        _fail(runtime, slot, call, "checkout_timeout", expired)
+        raise expired
+    if claim.owner in (protocol.EXPIRED, protocol.DONE):
         logger.info("skipping call %s: already %s", call.task_id, claim.owner)
-        return 0
+        raise Ignore()
+    if _owner_alive(runtime, claim.owner):
+        logger.info("call %s: its first run (%s) is alive; holding this copy back", call.task_id, claim.owner)
+        raise Reject(requeue=True)
     attempts = protocol.take_over(runtime.scripts, call.task_id, slot.agent_id, claim.owner, slot.agent_id, now)
     if attempts < 0:
-        return 0
+        raise Reject(requeue=True)  # somebody else took it over meanwhile: look again later
     logger.warning("call %s: its runner %s died; delivery %d", call.task_id, claim.owner, attempts)
     if attempts > runtime.pool.max_deliveries:
         exc = AgentCrashed(
@@ -198,12 +214,19 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
 
     slot.requests += 1
     slot.last_used_at = time.time()
+    timeout = CallTimeout(f"call {call.task_id} ({call.op or 'handle'}) ran past its call_timeout")
+
+    def report_stuck() -> None:
+        # From the watchdog, just before it ends this process.
+        _fail(runtime, slot, call, "call_timeout", timeout, ran=True, agent_state="stopped")
+
     try:
-        with alarm.deadline(call.deadline):
+        with limits.limit(
+            call.call_timeout, limits.CallDeadline, report_stuck, f"call {call.task_id}", hard=runtime.hard_limits
+        ):
             result = operation()
-    except (SoftTimeLimitExceeded, alarm.CallDeadline):
-        timeout = CallTimeout(f"call {call.task_id} ({call.op or 'handle'}) ran past its call_timeout")
-        _fail(runtime, slot, call, "call_timeout", timeout, ran=True)
+    except limits.CallDeadline:
+        _fail(runtime, slot, call, "call_timeout", timeout, ran=True, agent_state="recycling")
         # The agent was interrupted mid-operation: never hand it out again as is.
         runtime.host.recycle(slot, "call timed out")
         raise timeout from None
@@ -217,7 +240,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         raise
     try:
         reply = protocol.encode_result(call.task_id, result)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         error = TypeError(f"{call.op or 'handle'}() returned a value that is not plain JSON: {exc}")
         _fail(runtime, slot, call, "agent", error, ran=True)
         runtime.host.after_call(slot)
@@ -237,8 +260,10 @@ def _fail(
     exc: BaseException,
     with_traceback: bool = False,
     ran: bool = False,
+    agent_state: str = "idle",
 ) -> None:
-    _finish(runtime, slot, call, protocol.encode_error(call.task_id, kind, exc, None if with_traceback else ""), ran)
+    error = protocol.encode_error(call.task_id, kind, exc, None if with_traceback else "")
+    _finish(runtime, slot, call, error, ran, agent_state)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
 
@@ -247,15 +272,31 @@ def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool
     protocol.finish(
         runtime.scripts,
         call.task_id,
-        reply if call.reply_to else None,
-        call.reply_to or "",
+        reply,
+        call.reply_to,
         slot.agent_id,
         registry.stats_key(runtime.pool.name),
         slot.requests,
         ran,
         time.time(),
         agent_state if slot.agent is not None else slot.state,
+        result=call.result,
+        result_ttl=runtime.config.project.result_expires,
+        retry_until=time.monotonic() + STATE_RETRY,
     )
+
+
+def _retrying(fn: Any) -> Any:
+    """``fn()``, tried again while the state Redis is unreachable, up to :data:`STATE_RETRY` seconds."""
+    deadline, delay = time.monotonic() + STATE_RETRY, 0.05
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, protocol.RECONNECT_BACKOFF_MAX)
 
 
 def _owner_alive(runtime: Runtime, owner: str) -> bool:
@@ -264,10 +305,15 @@ def _owner_alive(runtime: Runtime, owner: str) -> bool:
     Its registry heartbeat must be current, and when it runs on this host its
     pid must exist: right after a kill -9 the heartbeat still looks fresh.
     """
-    if not registry.is_alive(runtime.state, owner):
+    return owner_alive(runtime.state, runtime.host.hostname, owner)
+
+
+def owner_alive(state: redis.Redis, hostname: str, owner: str) -> bool:
+    """Whether agent ``owner`` lives, as seen from a process on ``hostname``."""
+    if not registry.is_alive(state, owner):
         return False
     host, _, pid = owner.partition("@")[2].rpartition(":")
-    if host != runtime.host.hostname:
+    if host != hostname:
         return True
     try:
         os.kill(int(pid.split(".")[0]), 0)

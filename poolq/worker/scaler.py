@@ -23,7 +23,10 @@ It converges on the registry (the base size and the replace marks), every
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +44,37 @@ logger = logging.getLogger("poolq.worker")
 TICK = 0.25
 #: Seconds between two reads of the registry (base size, replace marks).
 SYNC_INTERVAL = 2.0
+
+
+class RetireRequests:
+    """How a prefork child asks its node to retire it once its current call is done.
+
+    A pipe made in the node's main process before it forks: a child writes
+    its pid; the main process reads the pipe when a call finishes (in the
+    same step that marks the child free, so no other call reaches it) and at
+    every tick. A write of a few bytes to a pipe is atomic.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+
+    def ask(self) -> None:
+        """In a child: retire me after this call."""
+        os.write(self._write, f"{os.getpid()}\n".encode())
+
+    def take(self) -> set[int]:
+        """In the main process: the pids that asked since the last look."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self._read, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return {int(line) for line in b"".join(chunks).split() if line.isdigit()}
 
 
 @dataclass
@@ -64,8 +98,13 @@ class NodeScaler:
         waiting: Callable[[], int],
         on_change: Callable[[int], None],
         request_maintenance: Callable[[], None] = lambda: None,
+        retire_requests: RetireRequests | None = None,
     ) -> None:
         self.worker = worker
+        self.retire_requests = retire_requests
+        self.asked_to_retire: set[int] = set()
+        self.hostname = socket.gethostname()
+        self.pids: set[int] = set()
         self.pool = pool
         self.node = node
         self.state = state
@@ -81,11 +120,47 @@ class NodeScaler:
     def tick(self) -> None:
         try:
             now = time.monotonic()
+            self.reap()
+            for pid in self._asked():
+                self.process_finished(pid, look=False)
             if now >= self.next_sync:
                 self.sync()
             self.step(now)
         except Exception:
             logger.exception("node scaler step failed")
+
+    def process_finished(self, pid: int, look: bool = True) -> None:
+        """A process is done with its call (and idle, for this instant): retire it now if it asked to go."""
+        if look:
+            self._asked()
+        if pid not in self.asked_to_retire:
+            return
+        retired = self._retire(pid)
+        if retired is None:
+            return  # busy after all: at the next call's end
+        self.asked_to_retire.discard(pid)
+        if retired:
+            self._update_prefetch(-1)
+            self._grow()  # its replacement, warm before it takes work
+            registry.count(self.state, self.pool.name, recycles=1)
+            logger.info("node %s: retired process %d at its request, starting its replacement", self.node, pid)
+
+    def reap(self) -> None:
+        """Drop the registry records of agents whose process is gone (killed, crashed), at once.
+
+        Their heartbeat would keep them in the status, busy, for seconds more.
+        """
+        pids = {p.pid for p in self.worker.pool._pool._pool if p.pid}
+        for pid in self.pids - pids:
+            self.asked_to_retire.discard(pid)
+            with contextlib.suppress(redis.RedisError):
+                registry.remove(self.state, self.pool.name, f"{self.pool.name}@{self.hostname}:{pid}")
+        self.pids = pids
+
+    def _asked(self) -> set[int]:
+        if self.retire_requests is not None:
+            self.asked_to_retire |= self.retire_requests.take()
+        return set(self.asked_to_retire)
 
     def sync(self) -> None:
         """Read the base size and the replace marks of this node's agents from the registry."""

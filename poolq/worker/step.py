@@ -1,26 +1,28 @@
-"""How poolq hooks into a Celery worker: one bootstep and two signals.
+"""How poolq hooks into a Celery worker: one bootstep, a task strategy and two signals.
 
 Celery starts agents differently per execution pool, so poolq covers each:
 
 - prefork: each child builds its agent in ``worker_process_init``. Celery sends
   the child's "up" message only after that signal returns, and writes jobs
   only to children that are up, so a child takes no work until its agent is
-  warm. Celery kills a child that is not up within
-  ``worker_proc_alive_timeout`` (4 s by default): the bootstep raises it to
-  the pool's ``setup_timeout``. Teardown runs in ``worker_process_shutdown``.
-  Nothing is built in the parent, before the fork.
+  warm. poolq bounds the setup itself (``setup_timeout``, see
+  :mod:`poolq.worker.limits`) and raises Celery's ``worker_proc_alive_timeout``
+  (4 s by default, which would kill slow starters) above it. Teardown runs in
+  ``worker_process_shutdown``. Nothing is built in the parent, before the fork.
 - solo: Celery sends ``worker_process_init`` in the worker process itself,
   while it builds the pool; teardown runs when the bootstep stops.
 - threads: Celery sends neither signal, so the bootstep builds one agent per
   thread before the consumer starts, and tears them down when it stops.
+
+Everything poolq keeps for a node lives in one :class:`Node`, made in the
+node's main process before it forks (so prefork children inherit it).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -33,15 +35,38 @@ from ..app import CONTROL_QUEUE, MAINTAIN_TASK, PROCESS_START_MARGIN
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from . import runtime
+from .beacon import NodeBeacon
 from .host import load_agent_class
-from .scaler import TICK, NodeScaler
+from .redelivery import Renewal, uses_visibility
+from .scaler import TICK, NodeScaler, RetireRequests
 
 logger = logging.getLogger("poolq.worker")
 
 SUPPORTED_POOLS = ("prefork", "threads", "solo")
 
-# Set in the worker's main process, before any fork: which pool this node serves.
-_serving: tuple[Config, PoolConfig, str] | None = None
+
+@dataclass
+class Node:
+    """poolq's side of one worker node."""
+
+    config: Config
+    pool: PoolConfig
+    name: str
+    pool_type: str
+    state: redis.Redis
+    hostname: str = ""
+    retire_requests: RetireRequests | None = None
+    beacon: NodeBeacon | None = None
+    scaler: NodeScaler | None = None
+    renewal: Renewal | None = None
+
+
+_node: Node | None = None
+
+
+def current_node() -> Node | None:
+    """This process's node (inherited by prefork children), if it serves a pool."""
+    return _node
 
 
 def serving_pool(config: Config, queues: list[str]) -> PoolConfig | None:
@@ -64,11 +89,11 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "poolq agents"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        global _serving
+        global _node
         super().__init__(worker, **kwargs)
         config: Config = worker.app.poolq_config
         pool = serving_pool(config, list(worker.app.amqp.queues.consume_from or {}))
-        self.pool = pool
+        self.node: Node | None = None
         if pool is None:
             return
         pool_type = _pool_type(worker.pool_cls)
@@ -81,49 +106,69 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # instead of in every child (which Celery would respawn forever).
         load_agent_class(pool)
         worker.app.conf.worker_proc_alive_timeout = pool.setup_timeout + PROCESS_START_MARGIN
-        self.pool_type = pool_type
-        _serving = (config, pool, worker.hostname)
+        self.node = _node = Node(
+            config=config,
+            pool=pool,
+            name=worker.hostname,
+            pool_type=pool_type,
+            state=protocol.connect(config.state_url),
+            hostname=socket.gethostname(),
+            retire_requests=RetireRequests() if pool_type == "prefork" else None,
+        )
 
     def start(self, worker: Any) -> None:
-        if self.pool is None:
+        node = self.node
+        if node is None:
             return
-        assert _serving is not None
-        config, pool, node = _serving
-        self.beacon = NodeBeacon(config, pool, node, processes=worker.concurrency, pool_type=self.pool_type)
-        self.beacon.start()
-        if self.pool_type == "threads":
-            runtime.install(runtime.Runtime.create(config, pool, node, slots=worker.concurrency))
-        if self.pool_type == "prefork":
-            global _scaler
+        config, pool = node.config, node.pool
+        node.beacon = NodeBeacon(node.state, pool, node.name, processes=worker.concurrency, pool_type=node.pool_type)
+        if uses_visibility(config.broker_url):
+            node.renewal = Renewal(
+                redis.Redis.from_url(config.broker_url, socket_timeout=protocol.SOCKET_TIMEOUT),
+                node.state,
+                node.name,
+                tags=lambda: _held_tags(worker),
+            )
+            node.beacon.after_beat = node.renewal.beat
+        node.beacon.start()
+        if node.pool_type == "threads":
+            runtime.install(runtime.Runtime.create(config, pool, node.name, slots=worker.concurrency))
+        if node.pool_type == "prefork":
             app = worker.app
-            _scaler = NodeScaler(
+            node.scaler = NodeScaler(
                 worker,
                 pool,
-                node,
-                self.beacon.state,
+                node.name,
+                node.state,
                 base=worker.concurrency,
                 waiting=lambda: queues.depth(app, config, pool),
-                on_change=self.beacon.set_processes,
+                on_change=node.beacon.set_processes,
                 request_maintenance=lambda: app.send_task(
                     MAINTAIN_TASK, args=(pool.name,), queue=CONTROL_QUEUE, routing_key=CONTROL_QUEUE,
                     expires=pool.maintenance_interval,
                 ),
+                retire_requests=node.retire_requests,
             )  # fmt: skip
-            worker.timer.call_repeatedly(TICK, _scaler.tick)
+            worker.timer.call_repeatedly(TICK, node.scaler.tick)
 
     def stop(self, worker: Any) -> None:
-        if self.pool is None:
+        node = self.node
+        if node is None:
             return
-        if self.pool_type in ("threads", "solo"):
+        if node.pool_type in ("threads", "solo"):
             runtime.uninstall()
-        self.beacon.stop()
+        if node.renewal is not None:
+            node.renewal.stop()
+        if node.beacon is not None:
+            node.beacon.stop()
 
     def info(self, worker: Any) -> dict[str, Any]:
         """This node's agents, for `celery inspect stats` and Flower's worker page ("Other")."""
-        if self.pool is None:
+        node = self.node
+        if node is None:
             return {}
         try:
-            records = registry.snapshot(self.beacon.state, self.pool.name).agents
+            records = registry.snapshot(node.state, node.pool.name).agents
         except redis.RedisError:
             return {}
         agents = {
@@ -135,77 +180,41 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             for r in records
             if r.get("node") == worker.hostname
         }
-        return {"poolq": {"pool": self.pool.name, "agents": agents}}
+        return {"poolq": {"pool": node.pool.name, "agents": agents}}
 
 
-class NodeBeacon:
-    """The worker node's own registry record: starting, then ready once it consumes."""
-
-    def __init__(self, config: Config, pool: PoolConfig, node: str, processes: int, pool_type: str) -> None:
-        self.state = protocol.connect(config.state_url)
-        self.pool = pool
-        self.node = node
-        self.fields: dict[str, Any] = {
-            "pool": pool.name,
-            "state": "starting",
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "size": pool.size,
-            "max_overflow": pool.max_overflow,
-            "processes": processes,
-            "worker_pool": pool_type,
-            "started_at": time.time(),
-        }
-        key = registry.node_key(node)
-        self.heartbeat = registry.Heartbeat(self.state, keys=lambda: [key], republish=lambda _: self.publish())
-
-    def start(self) -> None:
-        global _beacon
-        _beacon = self
-        self.publish()
-        self.heartbeat.start()
-
-    def ready(self) -> None:
-        self.fields["state"] = "ready"
-        self.publish()
-
-    def set_processes(self, processes: int) -> None:
-        self.fields["processes"] = processes
-        self.publish()
-
-    def publish(self) -> None:
+def _held_tags(worker: Any) -> list[str]:
+    """The delivery tags of the messages this node holds (taken, not yet acknowledged)."""
+    consumer = getattr(worker, "consumer", None)
+    task_consumer = getattr(consumer, "task_consumer", None)
+    channel = getattr(task_consumer, "channel", None)
+    delivered = getattr(getattr(channel, "qos", None), "_delivered", None)
+    if not delivered:
+        return []
+    for _ in range(3):  # read from the heartbeat thread while the event loop may change it
         try:
-            registry.publish_node(self.state, self.pool.name, self.node, self.fields)
-        except redis.RedisError:
-            logger.warning("could not publish node %s to the registry", self.node, exc_info=True)
-
-    def stop(self) -> None:
-        self.heartbeat.stop()
-        try:
-            registry.remove_node(self.state, self.pool.name, self.node)
-        except redis.RedisError:
-            logger.warning("could not remove node %s from the registry", self.node)
-
-
-_beacon: NodeBeacon | None = None
-_scaler: NodeScaler | None = None
+            return [str(tag) for tag in list(delivered)]
+        except RuntimeError:
+            continue
+    return []
 
 
 @control_command(args=[("pool", str)], signature="<pool>")
 def poolq_sync(state: Any, pool: str = "", **_: Any) -> dict[str, str]:
     """Remote control: re-read the pool's base size and replace marks now (sent by maintenance)."""
-    if _scaler is None or (pool and _scaler.pool.name != pool):
+    scaler = _node.scaler if _node is not None else None
+    if scaler is None or (pool and scaler.pool.name != pool):
         return {"ok": "nothing to sync here"}
     # Remote control runs in the event loop, like the scaler's timer: act now.
-    _scaler.next_sync = 0.0
-    _scaler.tick()
-    return {"ok": f"{_scaler.pool.name} synced"}
+    scaler.next_sync = 0.0
+    scaler.tick()
+    return {"ok": f"{scaler.pool.name} synced"}
 
 
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
-    if _beacon is not None:
-        _beacon.ready()
+    if _node is not None and _node.beacon is not None:
+        _node.beacon.ready()
 
 
 def _pool_type(pool_cls: Any) -> str:
@@ -218,9 +227,13 @@ def _pool_type(pool_cls: Any) -> str:
 
 @worker_process_init.connect
 def _on_process_init(sender: Any = None, **_: Any) -> None:
-    if _serving is not None:
-        config, pool, node = _serving
-        runtime.install(runtime.Runtime.create(config, pool, node, slots=1))
+    node = _node
+    if node is not None:
+        rt = runtime.Runtime.create(node.config, node.pool, node.name, slots=1)
+        if node.retire_requests is not None:
+            requests = node.retire_requests
+            rt.host.retire = lambda reason: requests.ask()
+        runtime.install(rt)
 
 
 @worker_process_shutdown.connect

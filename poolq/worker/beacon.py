@@ -1,0 +1,74 @@
+"""The worker node's own registry record: starting, then ready once it consumes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .. import registry
+from ..config import PoolConfig
+
+logger = logging.getLogger("poolq.worker")
+
+
+class NodeBeacon:
+    """Publishes a node's record and keeps it alive; ``after_beat`` runs after each heartbeat."""
+
+    def __init__(self, state: redis.Redis, pool: PoolConfig, node: str, processes: int, pool_type: str) -> None:
+        self.state = state
+        self.pool = pool
+        self.node = node
+        self.after_beat: Callable[[], None] | None = None
+        self.fields: dict[str, Any] = {
+            "pool": pool.name,
+            "state": "starting",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "size": pool.size,
+            "max_overflow": pool.max_overflow,
+            "processes": processes,
+            "worker_pool": pool_type,
+            "started_at": time.time(),
+        }
+        key = registry.node_key(node)
+        self.heartbeat = registry.Heartbeat(
+            self.state, keys=lambda: [key], republish=lambda _: self.publish(), after=self._after
+        )
+
+    def start(self) -> None:
+        self.publish()
+        self.heartbeat.start()
+
+    def ready(self) -> None:
+        self.fields["state"] = "ready"
+        self.publish()
+
+    def set_processes(self, processes: int) -> None:
+        self.fields["processes"] = processes
+        self.publish()
+
+    def publish(self) -> None:
+        try:
+            registry.publish_node(self.state, self.pool.name, self.node, self.fields)
+        except redis.RedisError:
+            logger.warning("could not publish node %s to the registry", self.node)
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+        try:
+            registry.remove_node(self.state, self.pool.name, self.node)
+        except redis.RedisError:
+            logger.warning("could not remove node %s from the registry", self.node)
+
+    def _after(self) -> None:
+        # A failure needs no word here: the heartbeat already says the registry is unreachable.
+        if self.after_beat is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.after_beat()
