@@ -35,8 +35,8 @@ from .config import Config, PoolConfig, load_config
 from .errors import (
     BrokerUnavailable,
     PoolDegraded,
-    PoolqError,
     PoolExhausted,
+    PoolqError,
     PoolqTimeout,
     ResultTimeout,
 )

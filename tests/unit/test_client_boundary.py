@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poolq import AsyncClient, Client, InvalidOption, InvalidPayload, PoolqError, UnknownPool, load_config
-from poolq import options
+from poolq import AsyncClient, Client, InvalidOption, InvalidPayload, PoolqError, UnknownPool, load_config, options
 from poolq.protocol import MAX_NESTING
 from poolq.testing import render_config
 
