@@ -50,10 +50,13 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "broker_transport": "poolq.transport:Transport" if config.broker_url.startswith("redis://") else None,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": BROKER_CONNECT_TIMEOUT,
+        # Workers reconnect every second, and never give up (poolq.worker.consumer).
+        "broker_connection_max_retries": None,
+        "worker_consumer": "poolq.worker.consumer:Consumer",
         # Redis transport: a message taken but not acknowledged goes back to
         # its queue after visibility_timeout. Live nodes renew theirs every
         # heartbeat (poolq.worker.redelivery), so only a dead node's calls
-        # ever reach it; the sweep that restores them runs every few seconds.
+        # ever reach it; the sweep that restores them runs every 2 s.
         "broker_transport_options": {
             "visibility_timeout": config.project.redelivery_timeout,
             "unacked_restore_interval": RESTORE_INTERVAL,

@@ -24,7 +24,7 @@ Environment:
                         (default: the broker URL when it is Redis)
     POOLQ_STATE_DIR     where ``poolq up`` keeps its files (default ``.poolq``)
     POOLQ_REDELIVERY_TIMEOUT  seconds before a dead node's calls go to another
-                        (default 30; see ``[poolq] redelivery_timeout``)
+                        (default 10; see ``[poolq] redelivery_timeout``)
     POOLQ_<POOL>__<KEY> override one scalar key of one pool, for example
                         ``POOLQ_ECHO__SIZE=4``
 """
@@ -87,9 +87,9 @@ DEFAULT_BREAKER_WINDOW = 60.0
 DEFAULT_BREAKER_RESET = 30.0
 #: Seconds a cast's result stays readable by id.
 DEFAULT_RESULT_EXPIRES = 24 * 3600
-#: Seconds after which the broker hands a call again to another agent when the
-#: node that took it stopped renewing it (it died) and its death could not be seen sooner.
-DEFAULT_REDELIVERY_TIMEOUT = 30.0
+#: Seconds after which the broker hands a call to another node when the node
+#: that took it stopped renewing it (it died). Live nodes renew every 2 s.
+DEFAULT_REDELIVERY_TIMEOUT = 10.0
 #: Seconds between two sweeps that hand such calls back to their queue.
 RESTORE_INTERVAL = 2.0
 
@@ -186,9 +186,9 @@ class ProjectConfig(_Model):
     broker_url: str | None = None
     state_url: str | None = None
     result_expires: int = Field(default=DEFAULT_RESULT_EXPIRES, ge=1)
-    # Live nodes renew their calls every 2 s, so this only bounds how long a
-    # dead node's calls wait; it need not exceed any call_timeout.
-    redelivery_timeout: float = Field(default=DEFAULT_REDELIVERY_TIMEOUT, ge=10, le=3600)
+    # Live nodes renew their calls every heartbeat (2 s), so this only bounds how
+    # long a dead node's calls wait; it need not exceed any call_timeout.
+    redelivery_timeout: float = Field(default=DEFAULT_REDELIVERY_TIMEOUT, ge=5, le=3600)
 
 
 class _FileModel(_Model):

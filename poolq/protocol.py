@@ -506,11 +506,15 @@ def encode_error(task_id: str, kind: str, exc: BaseException, remote_traceback: 
     """The reply for a failed call, with the remote type and traceback as text."""
     remote_type = type(exc).__qualname__
     module = type(exc).__module__
-    if module not in ("builtins", "__main__"):
+    message = str(exc)
+    if isinstance(exc, errors.AgentError):
+        # Already the remote side's description (AgentCrashed: WorkerLost).
+        remote_type, message = exc.remote_type, exc.message
+    elif module not in ("builtins", "__main__"):
         remote_type = f"{module}.{remote_type}"
     if remote_traceback is None:
         remote_traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    error = {"kind": kind, "type": remote_type, "message": str(exc), "traceback": remote_traceback}
+    error = {"kind": kind, "type": remote_type, "message": message, "traceback": remote_traceback}
     return json.dumps({"id": task_id, "error": error}, separators=(",", ":"))
 
 

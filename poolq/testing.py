@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import amqp.exceptions
 import pytest
 
 from . import registry
@@ -125,10 +126,14 @@ class PoolFactory:
         broker_url: the broker (and state Redis) the workers and client use.
         directory: where configs and worker logs are written.
         pythonpath: folders the workers need to import the agents from.
+        state_url: the state Redis, when the broker is not one (RabbitMQ).
     """
 
-    def __init__(self, broker_url: str, directory: Path, pythonpath: list[str] | None = None) -> None:
+    def __init__(
+        self, broker_url: str, directory: Path, pythonpath: list[str] | None = None, state_url: str | None = None
+    ) -> None:
         self.broker_url = broker_url
+        self.state_url = state_url
         self.directory = Path(directory)
         self.pythonpath = pythonpath or []
         self.pools: list[RunningPool] = []
@@ -150,7 +155,7 @@ class PoolFactory:
         """
         path = self.directory / f"{name}.toml"
         path.write_text(render_config(name, {"agent": agent, **keys}), encoding="utf-8")
-        config = load_config(path, env={"POOLQ_BROKER_URL": self.broker_url})
+        config = load_config(path, env=self._urls())
         client = Client(config)
         _purge(client, name)
         pool = RunningPool(name=name, config=config, client=client, size=config.pool(name).size)
@@ -218,11 +223,17 @@ class PoolFactory:
         return {
             **os.environ,
             "POOLQ_CONFIG": str(pool.config.path),
-            "POOLQ_BROKER_URL": self.broker_url,
+            **self._urls(),
             "PYTHONPATH": os.pathsep.join(p for p in paths if p),
             "PYTHONUNBUFFERED": "1",
             **(extra or {}),
         }
+
+    def _urls(self) -> dict[str, str]:
+        urls = {"POOLQ_BROKER_URL": self.broker_url}
+        if self.state_url:
+            urls["POOLQ_STATE_URL"] = self.state_url
+        return urls
 
 
 @contextlib.contextmanager
@@ -289,7 +300,8 @@ def _toml(value: Any) -> str:
 
 def _purge(client: Client, pool: str) -> None:
     """Empty the pool's queue and registry left by an earlier test."""
-    with client.app.connection_for_write() as connection:
+    # RabbitMQ: a queue not declared yet holds nothing to purge.
+    with client.app.connection_for_write() as connection, contextlib.suppress(amqp.exceptions.NotFound):
         connection.default_channel.queue_purge(client.config.pool(pool).queue)
     client.state.delete(
         registry.pool_agents_key(pool),

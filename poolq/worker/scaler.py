@@ -104,7 +104,7 @@ class NodeScaler:
         self.retire_requests = retire_requests
         self.asked_to_retire: set[int] = set()
         self.hostname = socket.gethostname()
-        self.pids: set[int] = set()
+        self.pids: set[int] = {p.pid for p in worker.pool._pool._pool if p.pid}
         self.pool = pool
         self.node = node
         self.state = state
@@ -146,11 +146,15 @@ class NodeScaler:
             logger.info("node %s: retired process %d at its request, starting its replacement", self.node, pid)
 
     def reap(self) -> None:
-        """Drop the registry records of agents whose process is gone (killed, crashed), at once.
+        """Notice a process that died (killed, crashed) at once, and drop its agent from the registry.
 
-        Their heartbeat would keep them in the status, busy, for seconds more.
+        Celery looks for dead processes every 5 s; until then their call is
+        not handed on and their heartbeat keeps them in the status, busy.
         """
-        pids = {p.pid for p in self.worker.pool._pool._pool if p.pid}
+        pool = self.worker.pool._pool
+        if any(p.exitcode is not None for p in list(pool._pool)):
+            pool.maintain_pool()  # billiard reaps it, fails its call over (WorkerLostError) and replaces it
+        pids = {p.pid for p in pool._pool if p.pid}
         for pid in self.pids - pids:
             self.asked_to_retire.discard(pid)
             with contextlib.suppress(redis.RedisError):

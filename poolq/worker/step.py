@@ -125,8 +125,6 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if uses_visibility(config.broker_url):
             node.renewal = Renewal(
                 redis.Redis.from_url(config.broker_url, socket_timeout=protocol.SOCKET_TIMEOUT),
-                node.state,
-                node.name,
                 tags=lambda: _held_tags(worker),
             )
             node.beacon.after_beat = node.renewal.beat
@@ -157,8 +155,6 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         if node.pool_type in ("threads", "solo"):
             runtime.uninstall()
-        if node.renewal is not None:
-            node.renewal.stop()
         if node.beacon is not None:
             node.beacon.stop()
 
