@@ -283,7 +283,7 @@ class AsyncLease(LeaseCore):
     async def acquire(self) -> AsyncLease:
         """Wait for an agent to take the lease (errors of :meth:`Lease.acquire`)."""
         client = self.aclient.client
-        client.check_breaker(self.pool)
+        client.check_open(self.pool)
         if not self.block or self.pool.max_waiting is not None:
             await self.aclient._in_thread(client.check_capacity, self.pool, self.block)
         task_id, replies = str(uuid.uuid4()), protocol.lease_replies_key(self.id)

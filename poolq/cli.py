@@ -359,7 +359,9 @@ def pools(config_path: str | None) -> None:
     for pool in config.pools.values():
         click.echo(
             f"{pool.name}: {pool.agent} size={pool.size} max_overflow={pool.max_overflow} "
-            f"strategy={pool.strategy} worker_pool={pool.worker_pool} queue={pool.queue}"
+            f"worker_pool={pool.worker_pool}"
+            + (f" strategy={pool.strategy}" if pool.strategy else "")
+            + f" queue={pool.queue}"
         )
 
 

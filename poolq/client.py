@@ -34,6 +34,7 @@ from .app import create_app, default_app
 from .config import Config, PoolConfig, load_config
 from .errors import (
     BrokerUnavailable,
+    PoolClosed,
     PoolDegraded,
     PoolExhausted,
     PoolqError,
@@ -86,7 +87,8 @@ class Client:
     def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
         self.config = config or load_config()
         self._app = app
-        self._breakers: dict[str, tuple[float, str | None]] = {}
+        #: Per pool: when its state was read, and why calls are refused (None: they are not).
+        self._breakers: dict[str, tuple[float, tuple[type[PoolqError], str] | None]] = {}
 
     @functools.cached_property
     def app(self) -> Celery:
@@ -212,15 +214,21 @@ class Client:
         return status
 
     def stop_nodes(self, pool: str, timeout: float = 300.0) -> list[str]:
-        """Stop every worker node of ``pool`` gracefully (Celery's warm shutdown); their names.
+        """Close the pool and stop every one of its worker nodes gracefully (Celery's warm shutdown); their names.
 
         In-flight calls finish; calls still queued, or prefetched but not
-        started, stay in the queue for other or later nodes; agents are torn
-        down. Waits until the nodes have left the registry.
+        started, stay in the queue for later nodes; agents are torn down. From
+        now on calls fail at once with :class:`~poolq.errors.PoolClosed`, until
+        a node of the pool starts again. Waits until the nodes have left the registry.
 
         Raises:
             PoolqTimeout: a node is still running after ``timeout`` seconds.
         """
+        with self.translate_errors():
+            self.state.hset(
+                registry.stats_key(self.config.pool(pool).name), "closed", time.strftime("%Y-%m-%d %H:%M:%S")
+            )
+        self._breakers.pop(pool, None)
         nodes = [node.id for node in self.status(pool).nodes]
         if not nodes:
             return []
@@ -290,27 +298,33 @@ class Client:
             call_timeout=options.seconds("call_timeout", call_timeout, config.call_timeout) or config.call_timeout,
         )
         protocol.check_arguments(config.name, args, kwargs, config.max_payload_bytes)
-        self.check_breaker(config)  # a Redis read at most once a second
+        self.check_open(config)  # a Redis read at most once a second
         return spec
 
-    def check_breaker(self, pool: PoolConfig) -> None:
-        """Fail fast while the pool's circuit breaker is open (its setups keep failing).
+    def check_open(self, pool: PoolConfig) -> None:
+        """Fail fast while the pool is closed (stopped on purpose) or degraded (its setups keep failing).
 
-        Reads the breaker at most once per :data:`BREAKER_CACHE` seconds, so
-        it costs the call path a round trip once a second, not per call.
+        Reads the pool's state at most once per :data:`BREAKER_CACHE`
+        seconds, so it costs the call path a round trip once a second, not per call.
 
         Raises:
-            PoolDegraded, BrokerUnavailable
+            PoolClosed, PoolDegraded, BrokerUnavailable
         """
         now = time.monotonic()
-        checked_at, error = self._breakers.get(pool.name, (-math.inf, None))
+        checked_at, refusal = self._breakers.get(pool.name, (-math.inf, None))
         if now - checked_at >= BREAKER_CACHE:
             with self.translate_errors():
                 stats = {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(pool.name)).items()}
-            error = str(stats.get("breaker_error", "")) if registry.breaker_open(stats, time.time()) else None
-            self._breakers[pool.name] = (now, error)
-        if error is not None:
-            raise PoolDegraded(f"pool {pool.name!r} is degraded, its agents fail to set up: {error}")
+            refusal = None
+            if stats.get("closed"):
+                refusal = (PoolClosed, f"pool {pool.name!r} was stopped on purpose ({stats['closed']}); start a node")
+            elif registry.breaker_open(stats, time.time()):
+                error = stats.get("breaker_error", "")
+                refusal = (PoolDegraded, f"pool {pool.name!r} is degraded, its agents fail to set up: {error}")
+            self._breakers[pool.name] = (now, refusal)
+        if refusal is not None:
+            cls, message = refusal
+            raise cls(message)
 
     def check_capacity(self, pool: PoolConfig, block: bool) -> None:
         """Fail fast, without sending, when the pool cannot take a call now.

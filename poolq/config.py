@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import BrokerNotConfigured, ConfigError, UnknownPool
 
@@ -77,6 +77,8 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAINTENANCE_INTERVAL = 10.0
 #: Fraction by which max_requests and max_age are lowered at random per agent, so agents do not recycle together.
 DEFAULT_RECYCLE_JITTER = 0.1
+#: Seconds over which an agent's CPU use is averaged against max_cpu_percent.
+DEFAULT_CPU_WINDOW = 60.0
 #: Seconds between health checks of an idle agent.
 DEFAULT_HEALTH_INTERVAL = 30.0
 #: Failed setups within the breaker window that mark a pool degraded.
@@ -110,8 +112,9 @@ class PoolConfig(_Model):
     max_overflow: int = Field(default=0, ge=0)
     overflow_idle: float = Field(default=DEFAULT_OVERFLOW_IDLE, gt=0)
     max_waiting: int | None = Field(default=None, ge=0)
-    strategy: Literal["lifo", "fifo"] = "lifo"
     worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
+    # Which idle agent a threads node hands out; see _strategy_where_honoured.
+    strategy: Literal["lifo", "fifo"] | None = None
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     call_timeout: float = Field(default=DEFAULT_CALL_TIMEOUT, gt=0)
     setup_timeout: float = Field(default=DEFAULT_SETUP_TIMEOUT, gt=0)
@@ -131,6 +134,9 @@ class PoolConfig(_Model):
     max_requests: int | None = Field(default=None, ge=1)
     max_age: float | None = Field(default=None, gt=0)
     max_memory_mb: float | None = Field(default=None, gt=0)
+    max_cpu_percent: float | None = Field(default=None, gt=0, description="percent of one core")
+    cpu_window: float = Field(default=DEFAULT_CPU_WINDOW, gt=0)
+    max_recycles: int | None = Field(default=None, ge=1)
     recycle_jitter: float = Field(default=DEFAULT_RECYCLE_JITTER, ge=0, lt=1)
     health_interval: float = Field(default=DEFAULT_HEALTH_INTERVAL, gt=0)
     # Circuit breaker: so many failed setups within the window open it.
@@ -147,6 +153,21 @@ class PoolConfig(_Model):
             data.setdefault("min_size", size)
             data.setdefault("max_size", size)
         return data
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_where_honoured(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("worker_pool") != "threads":
+            raise ValueError(
+                "applies where poolq hands out the agents: worker_pool = 'threads'. A prefork or solo node "
+                "gives each call to whichever process is free, in Celery's order"
+            )
+        return value
+
+    @property
+    def handout(self) -> str:
+        """The strategy a threads node hands its agents out by (lifo unless set)."""
+        return self.strategy or "lifo"
 
     @model_validator(mode="after")
     def _check_sizes(self) -> PoolConfig:

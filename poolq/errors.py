@@ -49,6 +49,10 @@ class PoolExhausted(PoolqError):
     """No agent is free and overflow is spent (or the queue is at ``max_waiting``); nothing was sent."""
 
 
+class PoolClosed(PoolqError):
+    """The pool was stopped on purpose (``poolq stop``); calls fail at once until one of its nodes starts again."""
+
+
 class LeaseLost(PoolqError):
     """The lease ended before the call: its TTL passed, a call timed out, or its agent died."""
 

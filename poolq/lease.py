@@ -135,7 +135,7 @@ class Lease(LeaseCore):
             AgentUnavailable: the agent that took it could not be set up.
         """
         client = self.client
-        client.check_breaker(self.pool)
+        client.check_open(self.pool)
         client.check_capacity(self.pool, block=self.block)
         task_id, replies = str(uuid.uuid4()), protocol.lease_replies_key(self.id)
         client.send(self.spec(), task_id, replies, headers=self.headers())

@@ -5,11 +5,16 @@ checks one out when it starts (atomically: SPOP) and checks it back in when it
 stops, so the name can serve again. Each checked-out name is recorded against
 its agent's (host, pid) and can be looked up by them. Names of agents that died
 without checking in are reclaimed when a new chunk is needed.
+
+A node remembers the names of its agents at every heartbeat; when it starts
+again (a restart, a new host under the same node name), its agents take those
+names back first, so the pool comes back with the names it had.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 import redis
 
@@ -53,16 +58,43 @@ def process_key(host: str, pid: int, slot: str = "") -> str:
     return f"{host}:{pid}{slot}"
 
 
-def checkout(client: redis.Redis, agent_id: str, host: str, pid: int, slot: str = "") -> str:
-    """Take a free name for the agent ``agent_id`` running in (host, pid)."""
-    for _ in range(100):
-        name = str(client.spop(FREE) or "")
+def node_names_key(node: str) -> str:
+    """The names a node's agents had at its last heartbeat: a restarted node takes them again."""
+    return f"poolq:names:node:{node}"
+
+
+def checkout(
+    client: redis.Redis, agent_id: str, host: str, pid: int, slot: str = "", prefer: Iterable[str] = ()
+) -> str:
+    """Take a free name for the agent ``agent_id`` running in (host, pid), one of ``prefer`` if one is free."""
+    preferred = list(prefer)
+    for attempt in range(100):
+        name = next((p for p in preferred if client.srem(FREE, p)), "")
+        if not name and preferred and attempt == 0 and _reclaim(client):
+            continue  # names of agents that died without checking in are free now: look again
+        name = name or str(client.spop(FREE) or "")
         if not name:
             _refill(client)
             continue
         client.hset(BY_PROCESS, process_key(host, pid, slot), f"{name}|{agent_id}")
         return name
     raise RuntimeError("poolq: could not allocate an agent name")
+
+
+def remember(client: redis.Redis, node: str, names: Iterable[str]) -> None:
+    """Record the names of a node's live agents (called every heartbeat of the node)."""
+    current = list(names)
+    if not current:
+        return
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(node_names_key(node))
+    pipe.sadd(node_names_key(node), *current)
+    pipe.execute()
+
+
+def remembered(client: redis.Redis, node: str) -> list[str]:
+    """The names a node's agents had at its last heartbeat, sorted."""
+    return sorted(str(name) for name in client.smembers(node_names_key(node)))
 
 
 def checkin(client: redis.Redis, name: str, host: str, pid: int, slot: str = "") -> None:

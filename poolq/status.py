@@ -7,7 +7,9 @@ The numbers follow poolboy's (Normandy, Jido): ``size`` base agents,
 - ``ready``: an agent is free, or overflow can still start one;
 - ``overflow``: extra agents are running and overflow is not spent;
 - ``full``: no agent is free and overflow is spent (new calls wait);
-- ``degraded``: no agent can serve (none running, or every setup failed).
+- ``degraded``: no agent can serve (none running, or every setup failed);
+- ``closed``: the pool was stopped on purpose (``poolq stop``); calls fail at
+  once with :class:`~poolq.errors.PoolClosed` until a node starts again.
 
 An agent whose heartbeat is late shows as ``lost``: its process most likely
 died (a killed node), and it counts as neither available nor in use.
@@ -15,6 +17,7 @@ died (a killed node), and it counts as neither available nor in use.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +46,15 @@ class AgentInfo:
     age_s: float
     idle_s: float | None
     error: str = ""
+    #: The agent's place in its node, kept across recycles, and how often it was recycled.
+    slot: str = ""
+    recycles: int = 0
+    #: Why it is being replaced ('' when it is not).
+    replacing: str = ""
+    #: Why its slot is no longer recycled (past max_recycles; '' when it is).
+    degraded: str = ""
+    #: Its last lifecycle states, as (time, state), oldest first.
+    history: list[tuple[float, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -124,16 +136,21 @@ def summarize(
         for n in nodes
     ]
     agent_infos = [_agent(a, now, server_time) for a in agents]
+    # Agents still starting (a new process, or a warm replacement) are not yet
+    # capacity, and lost ones no longer: neither counts as size or overflow.
+    present = [a for a in agent_infos if a.state not in ("starting", "lost")]
     size = overflow = 0
     for node in node_infos:
-        count = sum(1 for a in agent_infos if a.node == node.id)
+        count = sum(1 for a in present if a.node == node.id)
         size += min(count, node.size)
         overflow += max(0, count - node.size)
-    size += sum(1 for a in agent_infos if a.node not in {n.id for n in node_infos})
+    size += sum(1 for a in present if a.node not in {n.id for n in node_infos})
     max_overflow = sum(n.max_overflow for n in node_infos)
     available = sum(1 for a in agent_infos if a.state == "idle")
     in_use = sum(1 for a in agent_infos if a.state in IN_USE)
-    if registry.breaker_open(stats, now) or not any(a.state in SERVING for a in agent_infos):
+    if stats.get("closed") and not node_infos:
+        state = "closed"
+    elif registry.breaker_open(stats, now) or not any(a.state in SERVING for a in agent_infos):
         state = "degraded"
     elif available == 0 and overflow >= max_overflow:
         state = "full"
@@ -181,7 +198,20 @@ def _agent(record: dict[str, str], now: float, server_time: float = 0.0) -> Agen
         age_s=max(0.0, now - started) if started else 0.0,
         idle_s=max(0.0, now - (last_used or started)) if state == "idle" else None,
         error=record.get("error", ""),
+        slot=record.get("slot", ""),
+        recycles=_int(record.get("recycles")),
+        replacing=record.get("replace", ""),
+        degraded=record.get("degraded", ""),
+        history=[(float(t), str(s)) for t, s in _json_list(record.get("history"))],
     )
+
+
+def _json_list(value: str | None) -> list[Any]:
+    try:
+        loaded = json.loads(value) if value else []
+    except ValueError:
+        return []
+    return loaded if isinstance(loaded, list) else []
 
 
 def _int(value: str | None, default: int = 0) -> int:

@@ -103,6 +103,14 @@ class Probe(poolq.Agent):
             self.redis.decr(f"{self.key}:running")
         return {"pid": os.getpid(), "agent": self.name}
 
+    @poolq.operation
+    def burn(self, seconds: float) -> int:
+        """Keep one core busy for ``seconds`` (to cross max_cpu_percent)."""
+        deadline, spins = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            spins += 1
+        return spins
+
     def reset(self) -> None:
         self.calls = 0
         self.redis.rpush(f"{self.key}:events", f"reset {os.getpid()} {self.name}")

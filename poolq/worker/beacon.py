@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from .. import registry
+from .. import names, registry
 from ..config import PoolConfig
 
 logger = logging.getLogger("poolq.worker")
@@ -21,7 +21,9 @@ logger = logging.getLogger("poolq.worker")
 class NodeBeacon:
     """Publishes a node's record and keeps it alive; ``after_beat`` runs after each heartbeat."""
 
-    def __init__(self, state: redis.Redis, pool: PoolConfig, node: str, processes: int, pool_type: str) -> None:
+    def __init__(
+        self, state: redis.Redis, pool: PoolConfig, node: str, processes: int, pool_type: str, size: int | None = None
+    ) -> None:
         self.state = state
         self.pool = pool
         self.node = node
@@ -31,7 +33,7 @@ class NodeBeacon:
             "state": "starting",
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "size": pool.size,
+            "size": pool.size if size is None else size,
             "max_overflow": pool.max_overflow,
             "processes": processes,
             "worker_pool": pool_type,
@@ -44,6 +46,11 @@ class NodeBeacon:
 
     def start(self) -> None:
         self.publish()
+        try:
+            # A node that starts reopens a pool stopped on purpose (poolq stop).
+            self.state.hdel(registry.stats_key(self.pool.name), "closed")
+        except redis.RedisError:
+            logger.warning("could not reopen pool %s", self.pool.name)
         self.heartbeat.start()
 
     def ready(self) -> None:
@@ -52,6 +59,11 @@ class NodeBeacon:
 
     def set_processes(self, processes: int) -> None:
         self.fields["processes"] = processes
+        self.publish()
+
+    def set_size(self, size: int) -> None:
+        """The node's base size, as maintenance last scaled it (status counts overflow above it)."""
+        self.fields["size"] = size
         self.publish()
 
     def publish(self) -> None:
@@ -67,8 +79,14 @@ class NodeBeacon:
         except redis.RedisError:
             logger.warning("could not remove node %s from the registry", self.node)
 
+    def remember_names(self) -> None:
+        """Record the names of this node's live agents: a restart of the node takes them back."""
+        agents = registry.snapshot(self.state, self.pool.name).agents
+        names.remember(self.state, self.node, [a["name"] for a in agents if a.get("node") == self.node and "name" in a])
+
     def _after(self) -> None:
         # A failure needs no word here: the heartbeat already says the registry is unreachable.
-        if self.after_beat is not None:
-            with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(redis.RedisError):
+            self.remember_names()
+            if self.after_beat is not None:
                 self.after_beat()

@@ -23,6 +23,7 @@ import contextlib
 import gc
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import redis
@@ -51,6 +53,10 @@ logger = logging.getLogger("poolq.worker")
 
 #: Seconds before a failed setup is tried again (doubles up to the pool's breaker_reset).
 SETUP_RETRY_MIN = 1.0
+#: Lifecycle states kept per agent (shown by status).
+HISTORY_KEPT = 10
+#: Seconds the pool-wide turn to recycle in place is held at most (a recycle that dies frees it then).
+RECYCLE_TURN_MAX = 600.0
 
 
 def load_agent_class(pool: PoolConfig) -> type[Agent]:
@@ -82,6 +88,39 @@ def rss_mb() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
 
 
+def _turn_key(pool: str) -> str:
+    return f"poolq:pool:{pool}:recycle_turn"
+
+
+# KEYS: turn.  ARGV: holder.  Gives the turn back only if this agent holds it.
+_GIVE_TURN = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class CpuWindow:
+    """A process's CPU use, averaged over the last ``window`` seconds (sampled every heartbeat)."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.samples: deque[tuple[float, float]] = deque()
+        self.process = psutil.Process()
+
+    def sample(self) -> None:
+        times = self.process.cpu_times()
+        now = time.monotonic()
+        self.samples.append((now, times.user + times.system))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+
+    def average(self) -> float | None:
+        """Percent of one core over the window, or None until a whole window was seen."""
+        if len(self.samples) < 2:
+            return None
+        (start, used_start), (end, used_end) = self.samples[0], self.samples[-1]
+        if end - start < self.window * 0.9:
+            return None
+        return 100.0 * (used_end - used_start) / (end - start)
+
+
 @dataclass
 class AgentSlot:
     """One agent and its bookkeeping."""
@@ -101,13 +140,24 @@ class AgentSlot:
     setup_error: str = ""
     retry_at: float = 0.0
     retry_delay: float = SETUP_RETRY_MIN
+    #: The agent's place in the pool, kept across its recycles (and its process's warm replacement).
+    slot_id: str = ""
+    recycles: int = 0
+    #: Why this agent is being replaced ('' when it is not).
+    replacing: str = ""
+    #: Why this slot is no longer recycled (past max_recycles; '' when it is).
+    degraded: str = ""
+    #: The agent's last lifecycle states, as (time, state).
+    history: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT))
 
 
 class AgentHost:
     """The agents of this process for one pool.
 
-    ``retire`` asks the node to replace this whole process after the current
-    call (a prefork child whose memory teardown cannot give back).
+    ``retire(slot, recycles, reason)`` asks the node to replace this whole
+    process, warm first: a prefork child, whose node starts a new process
+    and retires this one once the new agent is ready. ``slot`` is this
+    process's slot and recycle count when it replaces another one.
     """
 
     def __init__(
@@ -116,7 +166,8 @@ class AgentHost:
         state: redis.Redis,
         node: str,
         slots: int = 1,
-        retire: Callable[[str], None] | None = None,
+        retire: Callable[[str, int, str], None] | None = None,
+        slot: tuple[str, int] | None = None,
     ) -> None:
         self.pool = pool
         self.state = state
@@ -130,10 +181,16 @@ class AgentHost:
         suffixes = [""] if slots == 1 else [f".{i}" for i in range(slots)]
         self.slots = [
             AgentSlot(
-                agent_id=f"{pool.name}@{self.hostname}:{self.pid}{s}", suffix=s, name=f"{pool.name}-{self.pid}{s}"
+                agent_id=f"{pool.name}@{self.hostname}:{self.pid}{s}",
+                suffix=s,
+                name=f"{pool.name}-{self.pid}{s}",
+                slot_id=f"{node}/{self.pid}{s}",
             )
             for s in suffixes
         ]
+        if slot is not None:
+            self.slots[0].slot_id, self.slots[0].recycles = slot
+        self.cpu = CpuWindow(pool.cpu_window) if pool.max_cpu_percent is not None else None
         self._free: deque[AgentSlot] = deque()
         self._cond = threading.Condition()
         by_key = {agent_key(slot.agent_id): slot for slot in self.slots}
@@ -141,7 +198,7 @@ class AgentHost:
             state,
             keys=by_key.keys,
             republish=lambda key: self._publish(by_key[key]),
-            fields=lambda: {"rss_mb": round(rss_mb(), 1)},
+            fields=self._beat_fields,
             after=self._check_idle_health,
         )
 
@@ -196,7 +253,7 @@ class AgentHost:
         with self._cond:
             while not self._free:
                 self._cond.wait()
-            slot = self._free.pop() if self.pool.strategy == "lifo" else self._free.popleft()
+            slot = self._free.pop() if self.pool.handout == "lifo" else self._free.popleft()
         try:
             yield slot
         finally:
@@ -211,6 +268,8 @@ class AgentHost:
         Raises:
             AgentUnavailable: setup failed and may not be retried yet, or failed again.
         """
+        if slot.degraded and slot.agent is None:
+            raise AgentUnavailable(f"agent slot {slot.slot_id} is degraded: {slot.degraded}")
         if slot.agent is None:
             if time.monotonic() >= slot.retry_at:
                 self._setup(slot)
@@ -233,15 +292,35 @@ class AgentHost:
             return False
 
     def after_call(self, slot: AgentSlot) -> None:
-        """Recycle the agent now if the call just made it reach a limit (requests, age, memory)."""
+        """Replace the agent if the call just made it reach a limit (requests, age, memory, CPU)."""
         if slot.agent is None:
             return
-        if slot.requests >= slot.requests_limit:
-            self.recycle(slot, f"{slot.requests} requests (max_requests {self.pool.max_requests})")
-        elif time.time() - slot.started_at >= slot.age_limit:
-            self.recycle(slot, f"age over max_age {self.pool.max_age:g}s")
-        elif self.pool.max_memory_mb is not None and rss_mb() > self.pool.max_memory_mb:
-            self.recycle(slot, f"memory {rss_mb():.0f} MB over max_memory_mb {self.pool.max_memory_mb:g}")
+        reason = self._limit_reached(slot)
+        if reason:
+            self.replace(slot, reason)
+
+    def replace(self, slot: AgentSlot, reason: str) -> None:
+        """Replace an agent that reached a limit (it still works) without taking warm capacity away.
+
+        In a prefork node the process asks its node for a warm replacement and
+        serves on until that one is ready (see :mod:`poolq.worker.scaler`).
+        Elsewhere it recycles in place, one agent of the pool at a time: an
+        agent whose turn has not come serves on and tries after its next call.
+        """
+        if slot.replacing or slot.degraded:
+            return
+        if self._past_max_recycles(slot, reason):
+            return
+        if self.retire is not None:
+            slot.replacing = reason
+            self._mark_for_replacement(slot, reason)
+            self.retire(slot.slot_id, slot.recycles, reason)
+            return
+        if self._take_recycle_turn(slot):
+            try:
+                self.recycle(slot, reason)
+            finally:
+                self._give_recycle_turn(slot)
 
     def recycle(self, slot: AgentSlot, reason: str) -> None:
         """Replace the slot's agent by a fresh one in place (teardown, then setup).
@@ -249,8 +328,13 @@ class AgentHost:
         Runs inside the current call, after its reply went out and outside
         the call's time limit: the setup is not part of the call.
         """
+        if self._past_max_recycles(slot, reason):
+            self._teardown(slot)  # broken, and no longer recycled: it serves no more
+            self._publish(slot)
+            return
         logger.info("recycling agent %s: %s", slot.name, reason)
         slot.state = "recycling"
+        slot.recycles += 1
         self._publish(slot)
         self._teardown(slot)
         self._count(recycles=1)
@@ -264,11 +348,57 @@ class AgentHost:
                 logger.warning("agent %s: %.0f MB after teardown; retiring its process", slot.name, rss_mb())
                 self._mark_for_replacement(slot, f"memory over {memory:g} MB after teardown")
                 if self.retire is not None:
-                    self.retire(f"memory over {memory:g} MB after teardown")
-                    return
+                    slot.replacing = f"memory over {memory:g} MB after teardown"
+                    self.retire(slot.slot_id, slot.recycles, slot.replacing)
         self._setup(slot)
 
     # -- internals ---------------------------------------------------------
+
+    def _limit_reached(self, slot: AgentSlot) -> str:
+        pool = self.pool
+        if slot.requests >= slot.requests_limit:
+            return f"{slot.requests} requests (max_requests {pool.max_requests})"
+        if time.time() - slot.started_at >= slot.age_limit:
+            return f"age over max_age {pool.max_age:g}s"
+        if pool.max_memory_mb is not None and rss_mb() > pool.max_memory_mb:
+            return f"memory {rss_mb():.0f} MB over max_memory_mb {pool.max_memory_mb:g}"
+        if self.cpu is not None and pool.max_cpu_percent is not None:
+            used = self.cpu.average()
+            if used is not None and used > pool.max_cpu_percent:
+                return f"CPU {used:.0f}% over max_cpu_percent {pool.max_cpu_percent:g} for {pool.cpu_window:g}s"
+        return ""
+
+    def _past_max_recycles(self, slot: AgentSlot, reason: str) -> bool:
+        """Mark the slot degraded, instead of recycling it again, once it was recycled max_recycles times."""
+        limit = self.pool.max_recycles
+        if limit is None or slot.recycles < limit:
+            return False
+        slot.degraded = f"recycled {slot.recycles} times (max_recycles {limit}); last: {reason}"
+        slot.history.append((round(time.time(), 1), "degraded"))
+        logger.error("agent slot %s is degraded: %s", slot.slot_id, slot.degraded)
+        self._publish(slot)
+        return True
+
+    def _take_recycle_turn(self, slot: AgentSlot) -> bool:
+        """The pool-wide turn to recycle in place: one agent of the pool out of service at a time."""
+        try:
+            return bool(
+                self.state.set(_turn_key(self.pool.name), slot.agent_id, nx=True, px=int(RECYCLE_TURN_MAX * 1000))
+            )
+        except redis.RedisError:
+            return True  # cannot coordinate: recycle (the limit was reached)
+
+    def _give_recycle_turn(self, slot: AgentSlot) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.state.eval(_GIVE_TURN, 1, _turn_key(self.pool.name), slot.agent_id)
+
+    def _beat_fields(self) -> dict[str, Any]:
+        if self.cpu is not None:
+            self.cpu.sample()
+        fields: dict[str, Any] = {"rss_mb": round(rss_mb(), 1)}
+        if self.cpu is not None and (used := self.cpu.average()) is not None:
+            fields["cpu_percent"] = round(used, 1)
+        return fields
 
     def _setup(self, slot: AgentSlot) -> None:
         slot.state = "starting"
@@ -332,10 +462,15 @@ class AgentHost:
         return float(stats.get("breaker_until") or now) - now, stats.get("breaker_error", "")
 
     def _rename(self, slot: AgentSlot) -> None:
-        """Give the slot's next agent a name from the name pool (and the old one back)."""
+        """Give the slot's next agent a name from the name pool (and the old one back).
+
+        A slot's first agent prefers a name the node's agents had before it
+        restarted; a recycled agent gets a new name.
+        """
         try:
             old = slot.name if slot.setups else ""
-            slot.name = names.checkout(self.state, slot.agent_id, self.hostname, self.pid, slot.suffix)
+            prefer = [] if old else names.remembered(self.state, self.node)
+            slot.name = names.checkout(self.state, slot.agent_id, self.hostname, self.pid, slot.suffix, prefer=prefer)
             if old:
                 # Given back only now, so the new agent never gets its old name.
                 names.release(self.state, old)
@@ -376,19 +511,21 @@ class AgentHost:
         self._count(terminated=1)
 
     def _check_idle_health(self) -> None:
-        """In the heartbeat thread: check agents that sat idle past health_interval."""
+        """In the heartbeat thread: check agents that sat idle past health_interval, and idle agents' limits."""
         for slot in self.slots:
-            if slot.agent is None or time.monotonic() - slot.health_checked_at < self.pool.health_interval:
+            if slot.agent is None:
                 continue
             with self._cond:
                 if slot not in self._free:
-                    continue  # busy: it is checked before its next call
+                    continue  # busy: it is checked before and after its next call
                 self._free.remove(slot)
             try:
-                if not self.healthy(slot):
+                if time.monotonic() - slot.health_checked_at >= self.pool.health_interval and not self.healthy(slot):
                     logger.warning("agent %s failed its health check while idle", slot.name)
                     slot.state = "unhealthy"
                     self._mark_for_replacement(slot, "failed health check")
+                elif self.retire is not None and (reason := self._limit_reached(slot)):
+                    self.replace(slot, reason)  # a warm replacement, asked from here: no call needed
             finally:
                 with self._cond:
                     self._free.append(slot)
@@ -408,10 +545,13 @@ class AgentHost:
             logger.warning("could not update the counters of pool %s", self.pool.name, exc_info=True)
 
     def _publish(self, slot: AgentSlot) -> None:
+        event = "degraded" if slot.degraded and slot.agent is None else slot.state
+        if not slot.history or slot.history[-1][1] != event:
+            slot.history.append((round(time.time(), 1), event))
         fields = {
             "pool": self.pool.name,
             "name": slot.name,
-            "state": slot.state,
+            "state": "degraded" if slot.degraded and slot.agent is None else slot.state,
             "node": self.node,
             "host": self.hostname,
             "pid": self.pid,
@@ -420,6 +560,10 @@ class AgentHost:
             "requests": slot.requests,
             "setups": slot.setups,
             "error": slot.setup_error,
+            "degraded": slot.degraded,
+            "slot": slot.slot_id,
+            "recycles": slot.recycles,
+            "history": json.dumps(list(slot.history)),
         }
         try:
             registry.publish(self.state, self.pool.name, slot.agent_id, fields)

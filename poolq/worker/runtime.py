@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +60,17 @@ class Runtime:
         return self.pool.worker_pool != "threads"
 
     @classmethod
-    def create(cls, config: Config, pool: PoolConfig, node: str, slots: int) -> Runtime:
+    def create(
+        cls,
+        config: Config,
+        pool: PoolConfig,
+        node: str,
+        slots: int,
+        retire: Callable[[str, int, str], None] | None = None,
+        slot: tuple[str, int] | None = None,
+    ) -> Runtime:
         state = protocol.connect(config.state_url)
-        host = AgentHost(pool, state, node=node, slots=slots)
+        host = AgentHost(pool, state, node=node, slots=slots, retire=retire, slot=slot)
         return cls(config=config, pool=pool, host=host, state=state, scripts=protocol.Scripts(state))
 
 

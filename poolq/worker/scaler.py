@@ -28,8 +28,9 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -37,6 +38,7 @@ from celery.worker import state as worker_state
 
 from .. import registry
 from ..config import PoolConfig
+from ..protocol import agent_key
 
 logger = logging.getLogger("poolq.worker")
 
@@ -47,42 +49,59 @@ SYNC_INTERVAL = 2.0
 
 
 class RetireRequests:
-    """How a prefork child asks its node to retire it once its current call is done.
+    """How a prefork child asks its node to replace it, warm first (it reached a limit).
 
     A pipe made in the node's main process before it forks: a child writes
-    its pid; the main process reads the pipe when a call finishes (in the
-    same step that marks the child free, so no other call reaches it) and at
-    every tick. A write of a few bytes to a pipe is atomic.
+    one line (pid, slot, recycles, reason); the main process reads the pipe at
+    every tick and when a call finishes. A write of a short line to a pipe is
+    atomic, so children never interleave.
     """
 
     def __init__(self) -> None:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
 
-    def ask(self) -> None:
-        """In a child: retire me after this call."""
-        os.write(self._write, f"{os.getpid()}\n".encode())
+    def ask(self, slot: str, recycles: int, reason: str) -> None:
+        """In a child: replace me (I keep serving until my replacement is warm)."""
+        line = "\t".join((str(os.getpid()), slot, str(recycles), reason.replace("\t", " ").replace("\n", " ")))
+        os.write(self._write, (line[:500] + "\n").encode())
 
-    def take(self) -> set[int]:
-        """In the main process: the pids that asked since the last look."""
+    def take(self) -> list[_Replacement]:
+        """In the main process: the requests made since the last look."""
         chunks = []
         while True:
             try:
-                chunk = os.read(self._read, 4096)
+                chunk = os.read(self._read, 65536)
             except BlockingIOError:
                 break
             if not chunk:
                 break
             chunks.append(chunk)
-        return {int(line) for line in b"".join(chunks).split() if line.isdigit()}
+        jobs = []
+        for line in b"".join(chunks).decode(errors="replace").splitlines():
+            pid, slot, recycles, reason = [*line.split("\t", 3), "", "", ""][:4]
+            if pid.isdigit():
+                jobs.append(_Replacement(int(pid), "", reason, slot, int(recycles) if recycles.isdigit() else 0))
+        return jobs
+
+
+#: Set in a node's main process just around the fork of a replacement: the new
+#: child reads it (it inherits the parent's memory) and takes over that slot and
+#: its recycle count. None for any other new process.
+NEXT_SLOT: tuple[str, int] | None = None
 
 
 @dataclass
 class _Replacement:
+    """Replace process ``pid``: grow a new one first, retire the old once the new one is warm."""
+
     pid: int
     agent_id: str
     reason: str
+    slot: str = ""
+    recycles: int = 0
     grown: bool = False
+    new_pids: set[int] = field(default_factory=set)
 
 
 class NodeScaler:
@@ -98,11 +117,12 @@ class NodeScaler:
         waiting: Callable[[], int],
         on_change: Callable[[int], None],
         request_maintenance: Callable[[], None] = lambda: None,
+        on_base: Callable[[int], None] = lambda base: None,
         retire_requests: RetireRequests | None = None,
     ) -> None:
         self.worker = worker
         self.retire_requests = retire_requests
-        self.asked_to_retire: set[int] = set()
+        self.queue: deque[_Replacement] = deque()
         self.hostname = socket.gethostname()
         self.pids: set[int] = {p.pid for p in worker.pool._pool._pool if p.pid}
         self.pool = pool
@@ -111,6 +131,7 @@ class NodeScaler:
         self.base = base
         self.waiting = waiting
         self.on_change = on_change
+        self.on_base = on_base
         self.request_maintenance = request_maintenance
         self.next_request = 0.0
         self.last_needed = time.monotonic()
@@ -121,29 +142,43 @@ class NodeScaler:
         try:
             now = time.monotonic()
             self.reap()
-            for pid in self._asked():
-                self.process_finished(pid, look=False)
+            self._take_requests()
             if now >= self.next_sync:
                 self.sync()
             self.step(now)
         except Exception:
             logger.exception("node scaler step failed")
 
-    def process_finished(self, pid: int, look: bool = True) -> None:
-        """A process is done with its call (and idle, for this instant): retire it now if it asked to go."""
-        if look:
-            self._asked()
-        if pid not in self.asked_to_retire:
+    def process_finished(self, pid: int) -> None:
+        """A process is done with its call, and idle for this instant: retire it now if its replacement is warm."""
+        self._take_requests()
+        job = self.replacing
+        if job is not None and job.pid == pid and job.grown and not self._starting():
+            self._finish_replacement(job)
+
+    def resize_by_request(self, delta: int) -> dict[str, str]:
+        """Remote control ``pool_grow`` / ``pool_shrink`` (Flower's buttons), kept within the pool's bounds.
+
+        Growing is allowed up to the base size plus ``max_overflow`` (the extra
+        processes retire after ``overflow_idle``, like overflow); shrinking
+        not below the base size, which maintenance sets.
+        """
+        processes = int(self.worker.pool.num_processes)
+        ceiling, floor = self.base + self.pool.max_overflow, self.base
+        target = min(max(processes + delta, floor), ceiling)
+        if target == processes:
+            bound = f"base {self.base} + max_overflow {self.pool.max_overflow}" if delta > 0 else f"base {self.base}"
+            return {"error": f"pool {self.pool.name} stays at {processes} processes: the bound is {bound}"}
+        self._resize(target - processes, processes, "remote control")
+        self.last_needed = time.monotonic()
+        return {"ok": f"pool {self.pool.name}: {processes} -> {target} processes"}
+
+    def enqueue(self, job: _Replacement) -> None:
+        """Replace ``job.pid`` after the replacements already asked for (one at a time per node)."""
+        if any(j.pid == job.pid for j in (*self.queue, *([self.replacing] if self.replacing else []))):
             return
-        retired = self._retire(pid)
-        if retired is None:
-            return  # busy after all: at the next call's end
-        self.asked_to_retire.discard(pid)
-        if retired:
-            self._update_prefetch(-1)
-            self._grow()  # its replacement, warm before it takes work
-            registry.count(self.state, self.pool.name, recycles=1)
-            logger.info("node %s: retired process %d at its request, starting its replacement", self.node, pid)
+        self.queue.append(job)
+        logger.info("node %s: will replace process %d, warm first (%s)", self.node, job.pid, job.reason)
 
     def reap(self) -> None:
         """Notice a process that died (killed, crashed) at once, and drop its agent from the registry.
@@ -156,15 +191,15 @@ class NodeScaler:
             pool.maintain_pool()  # billiard reaps it, fails its call over (WorkerLostError) and replaces it
         pids = {p.pid for p in pool._pool if p.pid}
         for pid in self.pids - pids:
-            self.asked_to_retire.discard(pid)
+            self.queue = deque(j for j in self.queue if j.pid != pid)
             with contextlib.suppress(redis.RedisError):
                 registry.remove(self.state, self.pool.name, f"{self.pool.name}@{self.hostname}:{pid}")
         self.pids = pids
 
-    def _asked(self) -> set[int]:
+    def _take_requests(self) -> None:
         if self.retire_requests is not None:
-            self.asked_to_retire |= self.retire_requests.take()
-        return set(self.asked_to_retire)
+            for job in self.retire_requests.take():
+                self.enqueue(job)
 
     def sync(self) -> None:
         """Read the base size and the replace marks of this node's agents from the registry."""
@@ -172,19 +207,29 @@ class NodeScaler:
         snap = registry.snapshot(self.state, self.pool.name)
         scaled = snap.stats.get("scaled_size")
         if scaled:
-            self.base = min(max(int(scaled), self.pool.min_size), self.pool.max_size)
-        if self.replacing is None:
-            for record in snap.agents:
-                if record.get("node") == self.node and record.get("replace"):
-                    self.replacing = _Replacement(int(record.get("pid", 0)), record["id"], record["replace"])
-                    logger.info("replacing agent %s: %s", record.get("name", record["id"]), record["replace"])
-                    break
+            base = min(max(int(scaled), self.pool.min_size), self.pool.max_size)
+            if base != self.base:
+                self.base = base
+                self.on_base(base)
+        for record in snap.agents:
+            if record.get("node") == self.node and record.get("replace") and record.get("pid", "").isdigit():
+                self.enqueue(
+                    _Replacement(
+                        int(record["pid"]),
+                        record["id"],
+                        record["replace"],
+                        record.get("slot", ""),
+                        int(record.get("recycles") or 0),
+                    )
+                )
 
     def step(self, now: float) -> None:
         pool = self.worker.pool
         processes = int(pool.num_processes)
+        if self.replacing is None and self.queue:
+            self.replacing = self.queue.popleft()
         if self.replacing is not None:
-            self._replace_step(processes)
+            self._replace_step()
             return
         active = len(worker_state.active_requests)
         if active > self.base:
@@ -217,24 +262,58 @@ class NodeScaler:
     def _idle_before_shrink(self) -> float:
         return self.pool.overflow_idle if self.pool.max_overflow else 0.0
 
-    def _replace_step(self, processes: int) -> None:
+    def _replace_step(self) -> None:
+        global NEXT_SLOT
         job = self.replacing
         assert job is not None
+        if job.pid not in self.pids:
+            self.replacing = None  # it died meanwhile: billiard replaces it
+            return
         if not job.grown:
-            if not self._starting():
+            if self._starting():
+                return
+            before = set(self.pids)
+            # The new process takes the old one's slot over (it reads NEXT_SLOT after the fork).
+            NEXT_SLOT = (job.slot, job.recycles + 1) if job.slot else None
+            try:
                 self._grow()
-                job.grown = True
+            finally:
+                NEXT_SLOT = None
+            job.new_pids = {p.pid for p in self.worker.pool._pool._pool if p.pid} - before
+            self.pids |= job.new_pids
+            job.grown = True
             return
         if self._starting():
-            return  # the replacement is not warm yet
+            return  # the replacement is not warm yet: the old agent keeps serving
+        self._finish_replacement(job)
+
+    def _finish_replacement(self, job: _Replacement) -> None:
+        """Retire the replaced process, if idle (else at the end of its call), now that its replacement is warm."""
+        if not self._replacement_serves(job):
+            # Its replacement could not be set up: keep the agent that works, drop the new one.
+            logger.warning("node %s: the replacement of process %d failed its setup; keeping it", self.node, job.pid)
+            for pid in job.new_pids:
+                if self._retire(pid):
+                    self._update_prefetch(-1)
+            self.replacing = None
+            return
         retired = self._retire(job.pid)
         if retired is None:
-            return  # busy: retire it after its call
+            return  # busy: retired when its call ends (process_finished)
         self._update_prefetch(-1)
         self.replacing = None
         if retired:
             registry.count(self.state, self.pool.name, recycles=1)
-            logger.info("agent %s replaced (%s)", job.agent_id, job.reason)
+            logger.info("node %s: process %d replaced, warm first (%s)", self.node, job.pid, job.reason)
+
+    def _replacement_serves(self, job: _Replacement) -> bool:
+        try:
+            states = [
+                self.state.hget(agent_key(f"{self.pool.name}@{self.hostname}:{pid}"), "state") for pid in job.new_pids
+            ]
+        except redis.RedisError:
+            return True  # cannot tell: the replacement is up, trust it
+        return all(state != "failed" for state in states)
 
     def _resize(self, delta: int, before: int, reason: str) -> None:
         if delta > 0:
@@ -242,9 +321,14 @@ class NodeScaler:
         else:
             # Not billiard's shrink(): it may pick a process that is already
             # terminating but not yet reaped, and then no process stops at all.
-            if not any(self._retire(p.pid) for p in self._live_processes()):
+            retired = 0
+            for process in self._live_processes():
+                if retired < -delta and self._retire(process.pid):
+                    retired += 1
+            if not retired:
                 return  # every process is busy
-            self._update_prefetch(-1)
+            self._update_prefetch(-retired)
+            delta = -retired
         after = before + delta
         direction = "up" if delta > 0 else "down"
         logger.info("node %s: %s from %d to %d agents (%s)", self.node, direction, before, after, reason)

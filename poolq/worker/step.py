@@ -28,13 +28,14 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
 from .. import protocol, queues, registry
 from ..app import CONTROL_QUEUE, MAINTAIN_TASK, PROCESS_START_MARGIN
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
-from . import runtime
+from . import runtime, scaler
 from .beacon import NodeBeacon
 from .host import load_agent_class
 from .redelivery import Renewal, uses_visibility
@@ -121,7 +122,15 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if node is None:
             return
         config, pool = node.config, node.pool
-        node.beacon = NodeBeacon(node.state, pool, node.name, processes=worker.concurrency, pool_type=node.pool_type)
+        node.beacon = NodeBeacon(
+            node.state,
+            pool,
+            node.name,
+            processes=worker.concurrency,
+            pool_type=node.pool_type,
+            # A prefork node starts at the size maintenance last scaled the pool to.
+            size=worker.concurrency if node.pool_type == "prefork" else pool.size,
+        )
         if uses_visibility(config.broker_url):
             node.renewal = Renewal(
                 redis.Redis.from_url(config.broker_url, socket_timeout=protocol.SOCKET_TIMEOUT),
@@ -141,6 +150,7 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 base=worker.concurrency,
                 waiting=lambda: queues.depth(app, config, pool),
                 on_change=node.beacon.set_processes,
+                on_base=node.beacon.set_size,
                 request_maintenance=lambda: app.send_task(
                     MAINTAIN_TASK, args=(pool.name,), queue=CONTROL_QUEUE, routing_key=CONTROL_QUEUE,
                     expires=pool.maintenance_interval,
@@ -207,6 +217,24 @@ def poolq_sync(state: Any, pool: str = "", **_: Any) -> dict[str, str]:
     return {"ok": f"{scaler.pool.name} synced"}
 
 
+@control_command(args=[("n", int)], signature="[N=1]")
+def pool_grow(state: Any, n: int = 1, **kwargs: Any) -> dict[str, str]:
+    """Grow pool by n processes (a poolq node: up to its base size + max_overflow)."""
+    scaler = _node.scaler if _node is not None else None
+    if scaler is None:
+        return celery_control.pool_grow(state, n=n, **kwargs)  # type: ignore[no-any-return]
+    return scaler.resize_by_request(+n)
+
+
+@control_command(args=[("n", int)], signature="[N=1]")
+def pool_shrink(state: Any, n: int = 1, **kwargs: Any) -> dict[str, str]:
+    """Shrink pool by n processes (a poolq node: not below its base size)."""
+    scaler = _node.scaler if _node is not None else None
+    if scaler is None:
+        return celery_control.pool_shrink(state, n=n, **kwargs)  # type: ignore[no-any-return]
+    return scaler.resize_by_request(-n)
+
+
 @worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
     if _node is not None and _node.beacon is not None:
@@ -225,10 +253,15 @@ def _pool_type(pool_cls: Any) -> str:
 def _on_process_init(sender: Any = None, **_: Any) -> None:
     node = _node
     if node is not None:
-        rt = runtime.Runtime.create(node.config, node.pool, node.name, slots=1)
-        if node.retire_requests is not None:
-            requests = node.retire_requests
-            rt.host.retire = lambda reason: requests.ask()
+        requests = node.retire_requests
+        rt = runtime.Runtime.create(
+            node.config,
+            node.pool,
+            node.name,
+            slots=1,
+            retire=requests.ask if requests is not None else None,
+            slot=scaler.NEXT_SLOT,  # set by the node when this process replaces another
+        )
         runtime.install(rt)
 
 

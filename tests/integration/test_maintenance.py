@@ -1,5 +1,4 @@
-"""F14, F17, F21: beat's maintenance scales a pool between its bounds, without flapping, and the
-scaled size survives a restart."""
+"""F14, F17: beat's maintenance scales a pool between its bounds, without flapping (restarts: test_restore)."""
 
 from __future__ import annotations
 
@@ -45,33 +44,6 @@ def test_a_burst_scales_up_within_two_intervals_then_back_down(
     assert _agents(pool) == 1
     downs = [e for e in registry.scale_events(state, "elastic") if e["direction"] == "down" and e["node"] == ""]
     assert [(e["from"], e["to"]) for e in reversed(downs)] == [(4, 3), (3, 2), (2, 1)]
-
-
-def test_scaled_size_and_counters_survive_a_restart(
-    poolq_pools: PoolFactory, poolq_broker: str, state: redis.Redis
-) -> None:
-    pool = poolq_pools.start(
-        "durable", "tests.agents:Probe", size=1, min_size=1, max_size=3, maintenance_interval=INTERVAL,
-        options={"redis_url": poolq_broker},
-    )  # fmt: skip
-    # Given maintenance scaled the pool to 3 and it served calls
-    state.hset(registry.stats_key("durable"), "scaled_size", 3)
-    pool.client.app.control.broadcast("poolq_sync", arguments={"pool": "durable"})
-    pool.wait_for(lambda: _agents(pool) == 3, timeout=20, what="scaled to 3")
-    for _ in range(5):
-        pool.client.call("durable")
-    before = pool.client.status("durable").counters
-
-    # When every worker stops and a new one starts
-    pool.workers.pop().stop()
-    pool.wait_for(lambda: _agents(pool) == 0, timeout=20, what="all stopped")
-    poolq_pools.add_node(pool, wait=False)
-
-    # Then it comes back at the last scaled size, with the counters kept
-    pool.wait_for(lambda: _agents(pool) == 3, timeout=30, what="back at 3")
-    after = pool.client.status("durable").counters
-    assert after["requests"] == before["requests"] == 5
-    assert after["spawned"] == before["spawned"] + 3
 
 
 def test_a_duplicate_maintenance_run_does_nothing(poolq_pools: PoolFactory, poolq_broker: str) -> None:

@@ -56,7 +56,9 @@ def test_max_requests_recycles_busy_agents_after_their_call(
         what="every recycle counted",
     )
     recycles = pool.client.status("byrequests").counters["recycles"]
-    assert 6 <= recycles <= 10  # about 80 / (10 - jitter) per agent pair
+    # Each agent past its limit serves on until its replacement is warm, so a little
+    # fewer than 80 / (10 - jitter) recycles
+    assert 3 <= recycles <= 10
 
 
 def test_max_age_recycles_agents(poolq_pools: PoolFactory, poolq_broker: str, state: redis.Redis) -> None:

@@ -3,8 +3,9 @@
 A killed agent leaves the status at once (its node reaps it), not after its
 heartbeat's TTL; the agents of a lost node show as ``lost`` once their
 heartbeat is late. An agent over ``max_memory_mb`` that teardown cannot bring
-back under it takes no further call: its process is retired when its call
-ends, and a replacement started.
+back under it serves only until its replacement is warm, then its process is
+retired: its memory stops growing within the time of one setup, and no call
+waits for a cold start.
 """
 
 from __future__ import annotations
@@ -44,17 +45,25 @@ def test_a_lost_nodes_agents_show_as_lost(pools: PoolFactory, ledger: Ledger) ->
     print(f"lost node: its agents shown lost {time.monotonic() - killed:.1f}s after the kill")
 
 
-def test_an_agent_over_its_memory_limit_takes_no_further_call(pools: PoolFactory, ledger: Ledger) -> None:
+def test_an_agent_over_its_memory_limit_is_replaced_warm_first(pools: PoolFactory, ledger: Ledger) -> None:
     probe = pools.start("mem", AGENT, size=1, options={"ledger": str(ledger.path)})
     probe.wait_for(lambda: bool(probe.agents() and probe.agents()[0].get("rss_mb")), timeout=10, what="rss")
     baseline = float(probe.agents()[0]["rss_mb"])
     probe.workers.pop().stop()
-    pool = pools.start("mem", AGENT, size=2, max_memory_mb=baseline + 40, options={"ledger": str(ledger.path)})
-
+    pool = pools.start(
+        "mem", AGENT, size=1, max_memory_mb=baseline + 40, options={"ledger": str(ledger.path), "setup_seconds": 1}
+    )
     # Given an agent that leaks past the limit, out of teardown's reach
     leaky = pool.client.call("mem", 80, op="leak")
-    # Then its process serves no further call: it is retired when that call ends, and replaced
-    served = {pool.client.call("mem", f"after{i}")["pid"] for i in range(20)}
-    assert leaky not in served
-    pool.wait_for(lambda: len(pool.client.status("mem").agents) == 2, timeout=20, what="replacement warm")
+    asked = time.monotonic()
+    # Then it serves only while its replacement sets up (1 s), and its process is retired once that one is warm
+    served = []
+    while leaky in {a.pid for a in pool.client.status("mem").agents} and time.monotonic() - asked < 15:
+        served.append(pool.client.call("mem", f"after{len(served)}", op="work", timeout=10)["pid"])
+    gone = time.monotonic() - asked
     assert leaky not in {a.pid for a in pool.client.status("mem").agents}
+    assert gone < 1 + 4  # the replacement's setup, and a little
+    assert pool.client.call("mem", "next")["pid"] != leaky
+    print(
+        f"leaking agent retired {gone:.1f}s after it crossed the limit, having served {served.count(leaky)} calls more"
+    )

@@ -16,13 +16,17 @@ result_expires = 600
 agent = "workers.echo:Echo"
 size = 2
 max_overflow = 1
-strategy = "fifo"
 
 [pools.echo.options]
 greeting = "hi"
 
 [pools.other]
 agent = "tests.agents:Probe"
+
+[pools.threaded]
+agent = "tests.agents:Probe"
+worker_pool = "threads"
+strategy = "fifo"
 """
 
 
@@ -35,11 +39,12 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_good_file_becomes_typed_pools(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD), env={})
     echo = config.pool("echo")
-    assert (echo.size, echo.max_overflow, echo.strategy, echo.concurrency) == (2, 1, "fifo", 3)
+    assert (echo.size, echo.max_overflow, echo.strategy, echo.concurrency) == (2, 1, None, 3)
     assert echo.options == {"greeting": "hi"}
     assert echo.queue == "poolq.echo" and echo.task_name == "poolq.echo"
     other = config.pool("other")
-    assert (other.size, other.max_overflow, other.strategy, other.worker_pool) == (1, 0, "lifo", "prefork")
+    assert (other.size, other.max_overflow, other.strategy, other.worker_pool) == (1, 0, None, "prefork")
+    assert (config.pool("threaded").handout, other.handout) == ("fifo", "lifo")
     assert config.project.result_expires == 600
 
 
@@ -58,8 +63,13 @@ def test_the_repository_config_is_valid() -> None:
         ('agent = "workers.echo:Echo"\nsize = "two"', "pool 'echo', key 'size': Input should be a valid integer"),
         ('agent = "workers.echo:Echo"\nmax_overflw = 1', "pool 'echo', key 'max_overflw': unknown key"),
         (
-            'agent = "workers.echo:Echo"\nstrategy = "random"',
+            'agent = "workers.echo:Echo"\nworker_pool = "threads"\nstrategy = "random"',
             "pool 'echo', key 'strategy': Input should be 'lifo' or 'fifo'",
+        ),
+        (
+            # Never accepted and ignored: a prefork node does not choose which process takes a call
+            'agent = "workers.echo:Echo"\nstrategy = "fifo"',
+            "pool 'echo', key 'strategy': Value error, applies where poolq hands out the agents",
         ),
         ("size = 1", "pool 'echo', key 'agent': required key is missing"),
         ('agent = "not a path"', "pool 'echo', key 'agent': String should match pattern"),
@@ -96,9 +106,9 @@ def test_bad_pool_name(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_a_pool_key(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, GOOD), env={"POOLQ_ECHO__SIZE": "5", "POOLQ_OTHER__STRATEGY": "fifo"})
+    config = load_config(write(tmp_path, GOOD), env={"POOLQ_ECHO__SIZE": "5", "POOLQ_THREADED__STRATEGY": "lifo"})
     assert config.pool("echo").size == 5
-    assert config.pool("other").strategy == "fifo"
+    assert config.pool("threaded").strategy == "lifo"
 
 
 def test_bad_environment_override_names_the_variable(tmp_path: Path) -> None:
@@ -137,5 +147,5 @@ def test_state_redis_defaults_to_a_redis_broker_and_is_required_otherwise(tmp_pa
 
 
 def test_unknown_pool_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(UnknownPool, match=r"no pool named 'nope' in .* \(configured: echo, other\)"):
+    with pytest.raises(UnknownPool, match=r"no pool named 'nope' in .* \(configured: echo, other, threaded\)"):
         load_config(write(tmp_path, GOOD), env={}).pool("nope")
