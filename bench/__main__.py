@@ -30,8 +30,8 @@ import celery
 import redis
 
 from poolq import AsyncClient
-from poolq.embedded import EmbeddedRedis
-from poolq.procs import child_preexec, stop_process
+from poolq.local.embedded import EmbeddedRedis
+from poolq.local.procs import child_preexec, stop_process
 from poolq.testing import PoolFactory, RunningPool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.__main__ import ROOT, ms, percentile
 from examples import APPS, server_argv
-from poolq.embedded import EmbeddedRedis
+from poolq.local.embedded import EmbeddedRedis
 from poolq.testing import PoolFactory, app_server, free_port
 
 

@@ -10,8 +10,9 @@ Example::
 """
 
 from .agent import Agent, operation
-from .aio import AsyncClient, AsyncLease, acall, adrain, alease, amap, astatus
 from .client import Client, Handle, call, cast, default_client, drain, lease, map, status
+from .client.aio import AsyncClient, AsyncLease, acall, adrain, alease, amap, astatus
+from .client.lease import Lease
 from .config import Config, PoolConfig, load_config
 from .errors import (
     AgentCrashed,
@@ -35,8 +36,7 @@ from .errors import (
     UnknownOperation,
     UnknownPool,
 )
-from .lease import Lease
-from .status import AgentInfo, NodeInfo, PoolStatus
+from .store.status import AgentInfo, NodeInfo, PoolStatus
 from .version import VERSION
 
 __version__ = VERSION

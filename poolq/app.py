@@ -65,7 +65,7 @@ def celery_settings(config: Config) -> dict[str, Any]:
             "socket_connect_timeout": BROKER_CONNECT_TIMEOUT,
         },
         # Replies and cast results travel through poolq's own keys
-        # (poolq.protocol), never through a Celery result backend.
+        # (poolq.store.protocol), never through a Celery result backend.
         "result_backend": None,
         "task_ignore_result": True,
         # JSON only: a pickle message is refused before any code sees it.
@@ -112,7 +112,7 @@ def _run_call(task: Task, /, *args: Any, **kwargs: Any) -> Any:
 
 
 def _maintain(task: Task, pool: str) -> dict[str, Any]:
-    from .maintenance import maintain
+    from .scaling.maintenance import maintain
 
     config: Config = task.app.poolq_config
     decision = maintain(task.app, config, pool, _state(config.state_url))
@@ -127,7 +127,7 @@ def _maintain(task: Task, pool: str) -> dict[str, Any]:
 
 @functools.cache
 def _state(url: str) -> Any:
-    from .protocol import connect
+    from .store.protocol import connect
 
     return connect(url)
 

@@ -13,13 +13,13 @@ from typing import IO, Any, NoReturn
 import click
 from celery import Celery
 
-from .aio import Arguments
 from .app import CONTROL_QUEUE
 from .client import Client
+from .client.aio import Arguments
 from .config import Config, load_config
 from .errors import PoolqError
-from .maintenance import restored_size
-from .status import PoolStatus
+from .scaling.maintenance import restored_size
+from .store.status import PoolStatus
 from .version import VERSION
 
 CONFIG_OPTION = click.option(
@@ -67,7 +67,7 @@ def up(config_path: str | None, no_flower: bool, no_beat: bool) -> None:
     With no broker configured (POOLQ_BROKER_URL or [poolq] broker_url), starts
     an embedded one on 127.0.0.1 with its files under .poolq/.
     """
-    from . import up as stack
+    from .local import up as stack
 
     sys.exit(stack.run(_config(config_path), out=sys.stdout, flower=not no_flower, beat=not no_beat))
 
@@ -133,7 +133,7 @@ def maintainer(config_path: str | None, node: str, loglevel: str, celery_args: t
 @click.argument("pool")
 def maintain(config_path: str | None, pool: str) -> None:
     """Run one maintenance pass for POOL now and print what it decided."""
-    from .maintenance import maintain as run_maintenance
+    from .scaling.maintenance import maintain as run_maintenance
 
     client = Client(_config(config_path))
     decision = run_maintenance(client.app, client.config, pool, client.state)

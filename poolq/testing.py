@@ -32,11 +32,11 @@ from typing import IO, Any
 import amqp.exceptions
 import pytest
 
-from . import registry
 from .client import Client
 from .config import Config, load_config
-from .embedded import EmbeddedRedis, free_port
-from .procs import child_preexec, stop_process
+from .local.embedded import EmbeddedRedis, free_port
+from .local.procs import child_preexec, stop_process
+from .store import registry
 
 __all__ = ["PoolFactory", "RunningPool", "WorkerProcess", "app_server", "free_port", "render_config"]
 

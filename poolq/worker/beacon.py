@@ -12,8 +12,8 @@ from typing import Any
 
 import redis
 
-from .. import names, registry
 from ..config import PoolConfig
+from ..store import names, registry
 
 logger = logging.getLogger("poolq.worker")
 

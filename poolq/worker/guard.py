@@ -5,7 +5,7 @@ execution pool. poolq's strategy (``PoolTask.Strategy``) looks first, in the
 node's main process:
 
 - **A payload no agent must see**: bigger than the pool's limit, nested
-  deeper than :data:`~poolq.protocol.MAX_NESTING`, or not JSON at all. Such a
+  deeper than :data:`~poolq.store.protocol.MAX_NESTING`, or not JSON at all. Such a
   message could not even be handed to a prefork child (pickling it exhausts
   the stack and takes the node down) and would come back after every crash.
   It is answered with ``InvalidPayload``, acknowledged and dropped, whoever
@@ -33,8 +33,8 @@ import redis
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
-from .. import protocol, registry
 from ..errors import InvalidPayload
+from ..store import protocol, registry
 from .runtime import owner_alive
 
 logger = logging.getLogger("poolq.worker")

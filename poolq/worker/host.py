@@ -41,12 +41,12 @@ import psutil
 import redis
 from billiard.process import current_process
 
-from .. import names, registry
 from ..agent import Agent
 from ..config import PoolConfig
 from ..errors import AgentUnavailable, ConfigError
-from ..policy import jittered
-from ..protocol import agent_key
+from ..scaling.policy import jittered
+from ..store import names, registry
+from ..store.protocol import agent_key
 from . import limits
 
 logger = logging.getLogger("poolq.worker")

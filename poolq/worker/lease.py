@@ -19,8 +19,8 @@ from typing import Any
 
 import redis
 
-from .. import protocol, registry
 from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
+from ..store import protocol, registry
 from . import limits
 from .host import AgentSlot
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..protocol import HARD_GRACE
+from ..store.protocol import HARD_GRACE
 
 logger = logging.getLogger("poolq.worker")
 

@@ -13,7 +13,7 @@ message it holds (``ZADD XX``). A live node's calls are thus never handed on,
 however long they run, and the visibility timeout becomes the lifetime of a
 node's heartbeat on its calls: ``redelivery_timeout`` (10 s by default) after
 a node dies, its calls are back in their queue for another node (or for it,
-when it comes back). The claims (:mod:`poolq.protocol`) keep a copy handed
+when it comes back). The claims (:mod:`poolq.store.protocol`) keep a copy handed
 out while its first run lives (a node stalled that long) from running twice.
 
 RabbitMQ needs none of this: it hands a dead consumer's messages on as soon

@@ -20,7 +20,6 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject
 
-from .. import protocol, registry
 from ..config import Config, PoolConfig
 from ..errors import (
     AgentCrashed,
@@ -31,6 +30,7 @@ from ..errors import (
     PoolDegraded,
     UnknownOperation,
 )
+from ..store import protocol, registry
 from . import lease, limits
 from .host import AgentHost, AgentSlot
 

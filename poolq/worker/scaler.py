@@ -36,9 +36,9 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from .. import registry
 from ..config import PoolConfig
-from ..protocol import agent_key
+from ..store import registry
+from ..store.protocol import agent_key
 
 logger = logging.getLogger("poolq.worker")
 

@@ -31,10 +31,10 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
-from .. import protocol, queues, registry
 from ..app import CONTROL_QUEUE, MAINTAIN_TASK, PROCESS_START_MARGIN
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
+from ..store import protocol, queues, registry
 from . import runtime, scaler
 from .beacon import NodeBeacon
 from .host import load_agent_class

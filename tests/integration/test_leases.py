@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from poolq import AgentError, CallTimeout, CheckoutTimeout, LeaseLost, PoolExhausted
-from poolq.registry import HEARTBEAT_TTL
+from poolq.store.registry import HEARTBEAT_TTL
 from poolq.testing import PoolFactory, RunningPool
 from tests.agents import clear, events
 

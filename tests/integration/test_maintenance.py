@@ -6,7 +6,8 @@ import time
 
 import redis
 
-from poolq import maintenance, registry
+from poolq.scaling import maintenance
+from poolq.store import registry
 from poolq.testing import PoolFactory, RunningPool
 from tests.agents import clear
 

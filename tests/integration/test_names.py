@@ -6,7 +6,7 @@ import threading
 
 import redis
 
-from poolq import names, registry
+from poolq.store import names, registry
 
 
 def test_concurrent_checkouts_get_unique_names(state: redis.Redis) -> None:

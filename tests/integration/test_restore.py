@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from poolq.embedded import EmbeddedRedis
+from poolq.local.embedded import EmbeddedRedis
 from poolq.testing import PoolFactory, RunningPool
 from tests.conftest import ROOT
 

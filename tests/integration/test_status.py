@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import pytest
 import redis
 
-from poolq import AgentError, names
+from poolq import AgentError
+from poolq.store import names
 from poolq.testing import PoolFactory
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from poolq.procs import alive, child_preexec, stop_process
+from poolq.local.procs import alive, child_preexec, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 

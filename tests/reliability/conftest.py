@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from poolq.embedded import EmbeddedRedis
+from poolq.local.embedded import EmbeddedRedis
 from poolq.testing import PoolFactory, WorkerProcess
 from tests.conftest import ROOT
 from tests.reliability.agents import Ledger

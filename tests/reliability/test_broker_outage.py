@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from poolq import BrokerUnavailable, CallTimeout, CheckoutTimeout, Client, PoolqError, load_config
-from poolq.embedded import EmbeddedRedis
+from poolq.local.embedded import EmbeddedRedis
 from poolq.testing import PoolFactory, RunningPool, render_config
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT

@@ -17,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from poolq import AsyncClient, InvalidPayload, PoolqError, options, protocol
+from poolq import AsyncClient, InvalidPayload, PoolqError
+from poolq.client import options
+from poolq.store import protocol
 from poolq.testing import PoolFactory, RunningPool
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT

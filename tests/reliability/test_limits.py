@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from poolq import AgentUnavailable, CallTimeout, CheckoutTimeout, PoolDegraded
-from poolq.protocol import CALL_GRACE
+from poolq.store.protocol import CALL_GRACE
 from poolq.testing import PoolFactory, RunningPool
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT

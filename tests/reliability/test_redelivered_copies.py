@@ -18,7 +18,7 @@ import time
 import kombu
 import redis
 
-from poolq.embedded import EmbeddedRedis
+from poolq.local.embedded import EmbeddedRedis
 from poolq.testing import PoolFactory
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT

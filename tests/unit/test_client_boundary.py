@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from poolq import AsyncClient, Client, InvalidOption, InvalidPayload, PoolqError, UnknownPool, load_config, options
-from poolq.protocol import MAX_NESTING
+from poolq import AsyncClient, Client, InvalidOption, InvalidPayload, PoolqError, UnknownPool, load_config
+from poolq.client import options
+from poolq.store.protocol import MAX_NESTING
 from poolq.testing import render_config
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from poolq import PoolConfig
-from poolq.policy import AgentView, Decision, PoolView, Scale, decide, jittered
+from poolq.scaling.policy import AgentView, Decision, PoolView, Scale, decide, jittered
 
 
 def pool(**keys: Any) -> PoolConfig:

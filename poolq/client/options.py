@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InvalidOption
+from ..errors import InvalidOption
 
 #: Longest timeout poolq accepts, in seconds (30 days): beyond it a deadline
 #: stops being a deadline, and far beyond it date arithmetic overflows.

@@ -17,9 +17,9 @@ from typing import IO
 
 import psutil
 
-from .config import BROKER_URL_FILE, Config, PoolConfig, redact
+from ..config import BROKER_URL_FILE, Config, PoolConfig, redact
+from ..errors import PoolqError
 from .embedded import EmbeddedRedis, free_port
-from .errors import PoolqError
 from .procs import alive, stop_pid
 from .supervisor import Service, Supervisor
 

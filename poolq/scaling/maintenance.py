@@ -7,7 +7,7 @@ never a pool's agents. One run:
 1. takes the pool's maintenance lock (beat can send a run twice; the second
    finds the lock and does nothing, so nothing is scaled or replaced twice);
 2. reads the registry and the queue depth (one round trip each);
-3. asks the pure policy (:mod:`poolq.policy`) what to do;
+3. asks the pure policy (:mod:`poolq.scaling.policy`) what to do;
 4. writes the decision to the registry: the pool's base size (``scaled_size``,
    which also survives restarts), the scale event, the agents to replace;
 5. tells the pool's nodes through Celery remote control (``poolq_sync``) to
@@ -25,11 +25,12 @@ import uuid
 import redis
 from celery import Celery
 
-from . import policy, protocol, queues, registry
-from .config import Config, PoolConfig
-from .status import as_float
+from ..config import Config, PoolConfig
+from ..store import protocol, queues, registry
+from ..store.status import as_float
+from . import policy
 
-logger = logging.getLogger("poolq.maintenance")
+logger = logging.getLogger("poolq.scaling")
 
 
 def lock_key(pool: str) -> str:

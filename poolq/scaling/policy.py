@@ -3,7 +3,7 @@
 :func:`decide` takes a :class:`PoolView` (built from one registry snapshot and
 the queue depth), the pool's configuration and the time, and returns the
 actions; it does no I/O, so tests drive it step by step without sleeping.
-:mod:`poolq.maintenance` turns the actions into registry writes and remote
+:mod:`poolq.scaling.maintenance` turns the actions into registry writes and remote
 control commands.
 
 Scaling moves each node's base size (``target``) between ``min_size`` and
@@ -28,7 +28,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 
-from .config import PoolConfig
+from ..config import PoolConfig
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,7 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 import redis.asyncio
 
-from . import options, protocol
-from .client import Client, default_client
-from .errors import (
+from ..errors import (
     BrokerUnavailable,
     CallTimeout,
     CheckoutTimeout,
@@ -39,8 +37,11 @@ from .errors import (
     PoolqError,
     PoolqTimeout,
 )
+from ..store import protocol
+from ..store.status import PoolStatus
+from . import options
 from .lease import LIVENESS_SLICE, LeaseCore
-from .status import PoolStatus
+from .sync import Client, default_client
 from .waiting import CallWait
 
 T = TypeVar("T")

@@ -24,8 +24,8 @@ from typing import Any
 
 import redis
 
+from ..config import PoolConfig
 from . import registry
-from .config import PoolConfig
 
 IN_USE = ("busy", "leased")
 SERVING = ("idle", "busy", "leased")

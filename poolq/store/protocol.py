@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 
-from . import errors
+from .. import errors
 
 #: Celery message headers poolq adds to a call.
 HEADER_OP = "poolq_op"

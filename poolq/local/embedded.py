@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from .errors import PoolqError
+from ..errors import PoolqError
 from .procs import child_preexec, stop_process
 
 #: Seconds the server gets to answer PING after it starts.

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 import amqp.exceptions
 from celery import Celery
 
-from .config import Config, PoolConfig
+from ..config import Config, PoolConfig
 
 
 def same_redis(broker_url: str, state_url: str) -> bool:

@@ -8,7 +8,7 @@ The call path, top to bottom::
       -> BLPOP poolq:reply:<id> until the deadline
          -> nothing yet: try to claim the call as given up
             -> won: CheckoutTimeout (the call will never run)
-            -> an agent has it: wait call_timeout + grace more (poolq.waiting)
+            -> an agent has it: wait call_timeout + grace more (poolq.client.waiting)
       -> decode the reply: the result, or the typed error it carries
 """
 
@@ -29,10 +29,9 @@ import kombu.exceptions
 import redis
 from celery import Celery
 
-from . import options, protocol, queues, registry
-from .app import create_app, default_app
-from .config import Config, PoolConfig, load_config
-from .errors import (
+from ..app import create_app, default_app
+from ..config import Config, PoolConfig, load_config
+from ..errors import (
     BrokerUnavailable,
     PoolClosed,
     PoolDegraded,
@@ -41,9 +40,11 @@ from .errors import (
     PoolqTimeout,
     ResultTimeout,
 )
+from ..store import protocol, queues, registry
+from ..store.queues import same_redis
+from ..store.status import PoolStatus, read_status
+from . import options
 from .lease import Lease
-from .queues import same_redis
-from .status import PoolStatus, read_status
 from .waiting import CallWait
 
 #: Seconds a client trusts what it last read of a pool's circuit breaker.
@@ -140,7 +141,7 @@ class Client:
 
         The caller waits at most ``timeout + call_timeout + 2`` seconds, plus
         the same again for each delivery lost to an agent that died (see
-        :mod:`poolq.waiting`).
+        :mod:`poolq.client.waiting`).
 
         Raises:
             UnknownPool, InvalidOption, InvalidPayload, PoolExhausted, PoolDegraded: before anything is sent.
@@ -183,7 +184,7 @@ class Client:
         return Handle(task_id, client=self, deadline=deadline)
 
     def lease(self, pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:
-        """Hold one agent of ``pool`` for several calls (see :class:`~poolq.lease.Lease`).
+        """Hold one agent of ``pool`` for several calls (see :class:`~poolq.client.lease.Lease`).
 
         Parameters:
             timeout: seconds to wait for an agent (default: the pool's).
@@ -196,7 +197,7 @@ class Client:
     def map(self, pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
         """Call ``pool`` once per item, at most ``concurrency`` at a time; results in input order.
 
-        The options are those of :meth:`poolq.aio.AsyncClient.map`.
+        The options are those of :meth:`poolq.client.aio.AsyncClient.map`.
         """
         from .aio import run_sync
 
@@ -384,7 +385,7 @@ class Client:
             )
 
     def wait_reply(self, spec: CallSpec, task_id: str, reply_to: str, what: str = "call") -> str:
-        """Wait for the reply of a sent call, as :mod:`poolq.waiting` says; the raw reply.
+        """Wait for the reply of a sent call, as :mod:`poolq.client.waiting` says; the raw reply.
 
         Raises:
             CheckoutTimeout, CallTimeout, BrokerUnavailable.

@@ -23,12 +23,13 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import options, protocol, registry
-from .errors import CallTimeout, CheckoutTimeout, LeaseLost, PoolqTimeout
+from ..errors import CallTimeout, CheckoutTimeout, LeaseLost, PoolqTimeout
+from ..store import protocol, registry
+from . import options
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .config import Config
+    from ..config import Config
+    from .sync import Client
 
 #: Seconds a lease may go without a call before its agent is taken back.
 DEFAULT_LEASE_TTL = 60.0
@@ -39,7 +40,7 @@ LIVENESS_SLICE = 1.0
 class LeaseCore:
     """What a lease is, apart from how its client waits: options, messages, grant, requests.
 
-    :class:`Lease` waits in threads, :class:`~poolq.aio.AsyncLease` in an event loop.
+    :class:`Lease` waits in threads, :class:`~poolq.client.aio.AsyncLease` in an event loop.
     """
 
     def __init__(self, config: Config, pool: str, timeout: float | None, ttl: float | None, block: bool) -> None:
@@ -55,7 +56,7 @@ class LeaseCore:
 
     def spec(self) -> Any:
         """The lease's request, as a call to send (its calls carry their own limits)."""
-        from .client import CallSpec
+        from .sync import CallSpec
 
         return CallSpec(pool=self.pool, args=(), kwargs={}, op=None, timeout=self.timeout, call_timeout=None)
 

@@ -7,10 +7,10 @@ module computes from the call's claim, read when the previous step ended:
 - nobody held the call, so the caller's give-up won: :class:`CheckoutTimeout`,
   and the call never runs;
 - an agent holds it (a new delivery since the caller last looked): wait
-  ``call_timeout`` + :data:`~poolq.protocol.CALL_GRACE` more;
+  ``call_timeout`` + :data:`~poolq.store.protocol.CALL_GRACE` more;
 - the same agent still holds it past that: :class:`CallTimeout` (the worker
   interrupts the agent at ``call_timeout`` and kills it at
-  ``call_timeout`` + :data:`~poolq.protocol.HARD_GRACE`, so its own reply
+  ``call_timeout`` + :data:`~poolq.store.protocol.HARD_GRACE`, so its own reply
   normally comes first);
 - its agent died: the broker gives the call to another agent (redelivery),
   so wait ``redelivery`` seconds for that delivery to show;
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import BrokerUnavailable, CallTimeout, CheckoutTimeout, PoolqError
-from .protocol import CALL_GRACE, DONE, ClaimView
+from ..errors import BrokerUnavailable, CallTimeout, CheckoutTimeout, PoolqError
+from ..store.protocol import CALL_GRACE, DONE, ClaimView
 
 #: Seconds a caller waits for the reply of a call whose claim says it is done.
 REPLY_SLACK = 1.0

@@ -7,7 +7,7 @@ the set of its agent ids in ``poolq:pool:<pool>:agents``.
 
 Nothing here is needed for the delivery of calls: it is the view that status,
 tests and maintenance read. The call path updates it inside its own round
-trips (see :mod:`poolq.protocol`).
+trips (see :mod:`poolq.store.protocol`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ return {records(KEYS[1], 'poolq:agent:'), records(KEYS[2], 'poolq:node:'), redis
 """
 
 
-logger = logging.getLogger("poolq.registry")
+logger = logging.getLogger("poolq.store")
 
 
 def pool_agents_key(pool: str) -> str:
