@@ -10,9 +10,27 @@ Example::
 """
 
 from .agent import Agent, operation
-from .client import Client, Handle, call, cast, default_client, drain, lease, map, status
-from .client.aio import AsyncClient, AsyncLease, acall, adrain, alease, amap, astatus
-from .client.lease import Lease
+from .client import (
+    Arguments,
+    AsyncClient,
+    AsyncLease,
+    Client,
+    Handle,
+    Lease,
+    acall,
+    alease,
+    amap,
+    astatus,
+    await_quiet,
+    call,
+    cast,
+    default_client,
+    drain,
+    lease,
+    map,
+    status,
+    wait_quiet,
+)
 from .config import Config, PoolConfig, load_config
 from .errors import (
     AgentCrashed,
@@ -48,13 +66,15 @@ __all__ = [
     "lease",
     "Lease",
     "map",
+    "wait_quiet",
     "drain",
     "status",
     "acall",
     "alease",
     "amap",
-    "adrain",
+    "await_quiet",
     "astatus",
+    "Arguments",
     "AsyncClient",
     "AsyncLease",
     "PoolStatus",

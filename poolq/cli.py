@@ -286,18 +286,30 @@ def map_command(
 @click.option("--timeout", type=float, help="Seconds to wait [default: forever].")
 def wait(config_path: str | None, pool: str, timeout: float | None) -> None:
     """Wait until POOL's queue is empty and every agent idle (quiescence)."""
-    status = Client(_config(config_path)).drain(pool, timeout=timeout)
+    status = Client(_config(config_path)).wait_quiet(pool, timeout=timeout)
     click.echo(render_status(status))
 
 
 @main.command()
 @CONFIG_OPTION
 @click.argument("pool")
+def drain(config_path: str | None, pool: str) -> None:
+    """Retire POOL's idle agents above each node's base size now (not after overflow_idle)."""
+    retired = Client(_config(config_path)).drain(pool)
+    click.echo(f"retired {sum(retired.values())} idle agent(s) of {pool}")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("pool")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the nodes to stop.")
-def drain(config_path: str | None, pool: str, timeout: float) -> None:
-    """Stop POOL's worker nodes gracefully: in-flight calls finish, queued calls stay queued, agents are torn down."""
+def stop(config_path: str | None, pool: str, timeout: float) -> None:
+    """Close POOL and stop its worker nodes gracefully: in-flight calls finish, queued calls stay queued.
+
+    Calls to POOL then fail at once with PoolClosed, until a node of POOL starts again.
+    """
     client = Client(_config(config_path))
-    stopped = client.stop_nodes(pool, timeout=timeout)
+    stopped = client.stop(pool, timeout=timeout)
     click.echo(f"stopped {len(stopped)} node(s) of {pool}: {', '.join(stopped) or 'none were running'}")
     click.echo(render_status(client.status(pool)))
 

@@ -1,13 +1,14 @@
 """The client side: what a web app or a script uses to call agents (no worker code).
 
-``sync`` (threads), ``aio`` (asyncio) and ``lease`` share one core of checks,
-deadlines and decisions (``options``, ``waiting``); they differ only in how
-they wait.
+The sync client (``sync``, threads), the async one (``aio``, asyncio) and
+leases (``lease``) run the same steps (``core``, with ``options`` and
+``waiting``): they differ only in how they wait.
 """
 
-from .aio import Arguments, AsyncClient, AsyncLease, acall, adrain, alease, amap, astatus
+from .aio import Arguments, AsyncClient, AsyncLease, acall, alease, amap, astatus, await_quiet
+from .handle import Handle
 from .lease import Lease
-from .sync import Client, Handle, call, cast, default_client, drain, lease, map, status
+from .sync import Client, call, cast, default_client, drain, lease, map, status, wait_quiet
 
 __all__ = [
     "Arguments",
@@ -17,10 +18,10 @@ __all__ = [
     "Handle",
     "Lease",
     "acall",
-    "adrain",
     "alease",
     "amap",
     "astatus",
+    "await_quiet",
     "call",
     "cast",
     "default_client",
@@ -28,4 +29,5 @@ __all__ = [
     "lease",
     "map",
     "status",
+    "wait_quiet",
 ]

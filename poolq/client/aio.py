@@ -1,11 +1,14 @@
 """asyncio: ``await poolq.acall(...)``, ``async with poolq.alease(...)``, ``poolq.amap``.
 
-No thread waits for a reply. Every call made from one event loop names the
-same Redis list (its mailbox) as its reply list, and one task per loop pops
-replies off it in batches and resolves the callers' futures by call id, so a
-thousand calls in flight cost one connection and one task. Sending a call
-goes through a few threads (kombu's publish is synchronous), never one per
-waiting call.
+No thread waits for a reply, and nothing blocks the event loop. Every call
+made from one event loop names the same Redis list (its mailbox) as its reply
+list, and one task per loop pops replies off it in batches and resolves the
+callers' futures by call id, so a thousand calls in flight cost one
+connection and one task. Sending a call goes through a few threads (kombu's
+publish is synchronous), never one per waiting call.
+
+The steps of a call or a lease are those of the sync client
+(:mod:`poolq.client.core`); only their effects are carried out here, awaited.
 
 Example::
 
@@ -21,7 +24,7 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
@@ -29,20 +32,13 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 import redis.asyncio
 
-from ..errors import (
-    BrokerUnavailable,
-    CallTimeout,
-    CheckoutTimeout,
-    LeaseLost,
-    PoolqError,
-    PoolqTimeout,
-)
-from ..store import protocol
+from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
+from ..store import protocol, registry
 from ..store.status import PoolStatus
-from . import options
-from .lease import LIVENESS_SLICE, LeaseCore
+from . import core
+from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
+from .lease import LeaseCore
 from .sync import Client, default_client
-from .waiting import CallWait
 
 T = TypeVar("T")
 
@@ -65,15 +61,21 @@ class _Mailbox:
     def __init__(self, state: redis.asyncio.Redis) -> None:
         self.key = f"poolq:mailbox:{uuid.uuid4()}"
         self.state = state
-        self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.pending: dict[str, asyncio.Future[str]] = {}
         self.reader: asyncio.Task[None] | None = None
 
-    def expect(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    def expect(self, task_id: str) -> asyncio.Future[str]:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.pending[task_id] = future
         if self.reader is None:
             self.reader = asyncio.get_running_loop().create_task(self._read())
         return future
+
+    async def wait(self, task_id: str, deadline: float) -> str | None:
+        """The reply to ``task_id`` if it comes before ``deadline`` (monotonic)."""
+        future = self.pending.get(task_id) or self.expect(task_id)
+        await asyncio.wait([future], timeout=max(0.0, deadline - time.monotonic()))
+        return future.result() if future.done() else None
 
     async def _read(self) -> None:
         delay = 0.05
@@ -92,10 +94,9 @@ class _Mailbox:
                     continue
                 delay = 0.05
                 for raw in batch:
-                    document = json.loads(raw)
-                    future = self.pending.get(document.get("id", ""))
+                    future = self.pending.get(json.loads(raw).get("id", ""))
                     if future is not None and not future.done():
-                        future.set_result(document)
+                        future.set_result(str(raw))
         finally:
             self.reader = None
 
@@ -107,75 +108,85 @@ class AsyncClient:
         self.client = client or default_client()
         self._executor = ThreadPoolExecutor(max_workers=SEND_THREADS, thread_name_prefix="poolq-send")
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._reads: dict[str, asyncio.Future[dict[Any, Any]]] = {}
 
     def _mailbox(self) -> _Mailbox:
         loop = asyncio.get_running_loop()
         mailbox = self._loops.get(loop)
         if mailbox is None:
-            state = redis.asyncio.Redis.from_url(
+            # Blocking: a burst of calls waits its turn for a connection instead of failing.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
                 self.client.config.state_url,
+                max_connections=protocol.MAX_CONNECTIONS,
+                timeout=protocol.SOCKET_TIMEOUT,
                 decode_responses=True,
                 socket_timeout=protocol.SOCKET_TIMEOUT,
                 socket_connect_timeout=protocol.SOCKET_TIMEOUT,
                 socket_keepalive=True,
             )
-            mailbox = self._loops[loop] = _Mailbox(state)
+            mailbox = self._loops[loop] = _Mailbox(redis.asyncio.Redis.from_pool(pool))  # closes the pool with it
         return mailbox
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
-    async def call(
-        self,
-        pool: str,
-        *args: Any,
-        op: str | None = None,
-        timeout: float | None = None,
-        call_timeout: float | None = None,
-        block: bool = True,
-        kwargs: Mapping[str, Any] | None = None,
-        **keywords: Any,
-    ) -> Any:
-        """``await`` a call: the parameters, result and errors of :meth:`Client.call`."""
+    async def call(self, pool: str, /, *args: Any, **keywords: Any) -> Any:
+        """``await`` a call: the arguments, options, result and errors of :meth:`Client.call`."""
         client = self.client
-        spec = client.admit(pool, args, options.keywords(keywords, kwargs), op, timeout, call_timeout, block)
-        if not block or spec.pool.max_waiting is not None:
-            await self._in_thread(client.check_capacity, spec.pool, block)
-        assert spec.timeout is not None and spec.call_timeout is not None
-        mailbox = self._mailbox()
-        task_id = str(uuid.uuid4())
-        reply = mailbox.expect(task_id)
-        wait = CallWait(
-            pool=spec.pool.name,
-            timeout=spec.timeout,
-            call_timeout=spec.call_timeout,
-            max_deliveries=spec.pool.max_deliveries,
-            redelivery=client.config.redelivery_window,
-            started=time.monotonic(),
-        )
+        spec = core.admit(client.config, pool, args, keywords)
+        mailbox, task_id = self._mailbox(), str(uuid.uuid4())
+        mailbox.expect(task_id)
         try:
-            await self._in_thread(client.send, spec, task_id, mailbox.key)
-            deadline = wait.first_deadline
-            while not reply.done():
-                # Not wait_for: its TimeoutError would be confused with poolq's (also TimeoutErrors).
-                await asyncio.wait([reply], timeout=max(0.0, deadline - time.monotonic()))
-                if not reply.done():
-                    deadline = wait.next_deadline(time.monotonic(), await self._inspect(mailbox, task_id))
+            redelivery = client.config.redelivery_window
+            return await self.run(core.call(client.gate, spec, task_id, mailbox.key, redelivery))
         finally:
             mailbox.pending.pop(task_id, None)
-        return protocol.result_of(reply.result())
 
-    async def _inspect(self, mailbox: _Mailbox, task_id: str, reply_to: str = "") -> protocol.ClaimView:
-        """:meth:`Client.inspect` on this loop's connection."""
+    async def run(self, steps: core.Steps[T]) -> T:
+        """Drive steps of :mod:`poolq.client.core` to their end, on this event loop."""
+        return await core.arun(steps, self.perform)
+
+    async def perform(self, effect: Effect) -> Any:
+        """Carry one effect out, without blocking the loop."""
+        mailbox = self._mailbox()
+        state = mailbox.state
         try:
-            owner, *rest = await mailbox.state.eval(*protocol.give_up_command(task_id, reply_to))
-            owner = str(owner or "")
-            alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
-                await mailbox.state.exists(protocol.agent_key(owner))
-            )
+            if isinstance(effect, Pop):
+                if effect.key == mailbox.key:
+                    return await mailbox.wait(effect.task_id, effect.deadline)
+                return await _pop(state, effect.key, effect.deadline)
+            if isinstance(effect, Send):
+                return await self._in_thread(self.client.send, effect)
+            if isinstance(effect, Inspect):
+                script, count, *names_and_args = protocol.give_up_command(effect.task_id, effect.reply_to)
+                owner, *attempts = await state.eval(script, count, *names_and_args)
+                owner = str(owner or "")
+                alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
+                    await state.exists(protocol.agent_key(owner))
+                )
+                return protocol.ClaimView(owner, int(attempts[0]) if attempts else 0, alive)
+            if isinstance(effect, ReadPool):
+                return await self._read_pool(state, effect.pool)
+            if isinstance(effect, ReadStatus):
+                return await self.status(effect.pool)
+            if isinstance(effect, Push):
+                async with state.pipeline(transaction=False) as pipe:
+                    pipe.rpush(effect.key, effect.value)
+                    pipe.expire(effect.key, effect.ttl)
+                    await pipe.execute()
+                return None
+            if isinstance(effect, Alive):
+                return bool(await state.exists(protocol.agent_key(effect.agent_id)))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
-        return protocol.ClaimView(owner=owner, attempts=int(rest[0]) if rest else 0, alive=alive)
+        raise TypeError(f"not an effect: {effect!r}")
+
+    async def _read_pool(self, state: redis.asyncio.Redis, pool: str) -> dict[str, str]:
+        """The pool's state, read once for all the calls that ask for it at the same time."""
+        reading = self._reads.get(pool)
+        if reading is None or reading.done():
+            reading = self._reads[pool] = asyncio.ensure_future(state.hgetall(registry.stats_key(pool)))
+        return {str(k): str(v) for k, v in (await asyncio.shield(reading)).items()}
 
     async def aclose(self) -> None:
         """Close this event loop's connections (the mailbox reader ends with them)."""
@@ -234,7 +245,7 @@ class AsyncClient:
             async with limit:
                 try:
                     results[index] = await self.call(
-                        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, **keywords
+                        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, kwargs=keywords
                     )
                 except PoolqError as exc:
                     if not return_exceptions:
@@ -254,7 +265,7 @@ class AsyncClient:
         agents = sum(n.size + n.max_overflow for n in status.nodes) or config.concurrency
         return max(2, 2 * agents)
 
-    async def drain(self, pool: str, timeout: float | None = None, poll: float = 0.1) -> PoolStatus:
+    async def wait_quiet(self, pool: str, timeout: float | None = None, poll: float = 0.1) -> PoolStatus:
         """Wait until the pool is quiet: nothing queued, no agent busy or leased."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -267,7 +278,10 @@ class AsyncClient:
 
 
 class AsyncLease(LeaseCore):
-    """An agent held for several awaited calls; ``async with client.lease(pool) as agent``."""
+    """An agent held for several awaited calls; ``async with client.lease(pool) as agent``.
+
+    Its steps are :class:`~poolq.client.lease.LeaseCore`'s, awaited.
+    """
 
     def __init__(self, aclient: AsyncClient, pool: str, timeout: float | None, ttl: float | None, block: bool) -> None:
         super().__init__(aclient.client.config, pool, timeout, ttl, block)
@@ -283,76 +297,21 @@ class AsyncLease(LeaseCore):
 
     async def acquire(self) -> AsyncLease:
         """Wait for an agent to take the lease (errors of :meth:`Lease.acquire`)."""
-        client = self.aclient.client
-        client.check_open(self.pool)
-        if not self.block or self.pool.max_waiting is not None:
-            await self.aclient._in_thread(client.check_capacity, self.pool, self.block)
-        task_id, replies = str(uuid.uuid4()), protocol.lease_replies_key(self.id)
-        await self.aclient._in_thread(
-            functools.partial(client.send, self.spec(), task_id, replies, headers=self.headers())
-        )
-        mailbox = self.aclient._mailbox()
-        grant = await _pop(mailbox.state, replies, self.timeout)
-        if grant is None:
-            if (await self.aclient._inspect(mailbox, task_id, replies)).given_up:
-                raise CheckoutTimeout(f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s")
-            grant = await _pop(mailbox.state, replies, protocol.BLOCK_SLICE)
-        if grant is None:
-            raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
-        self.granted(grant)
+        await self.aclient.run(self.acquire_steps(self.aclient.client.gate))
         return self
 
-    async def call(
-        self,
-        *args: Any,
-        op: str | None = None,
-        call_timeout: float | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **keywords: Any,
-    ) -> Any:
+    async def call(self, *args: Any, **keywords: Any) -> Any:
         """``await`` a call on the leased agent (errors of :meth:`Lease.call`)."""
-        request = self.request(args, op, call_timeout, options.keywords(keywords, kwargs))
-        state = self.aclient._mailbox().state
-        requests, replies = protocol.lease_requests_key(self.id), protocol.lease_replies_key(self.id)
-        try:
-            async with state.pipeline(transaction=False) as pipe:
-                pipe.rpush(requests, json.dumps(request))
-                pipe.expire(requests, int(self.ttl) + protocol.REPLY_TTL)
-                await pipe.execute()
-            deadline = time.monotonic() + request["call_timeout"] + protocol.CALL_GRACE
-            while True:
-                left = max(deadline - time.monotonic(), 0.01)
-                popped = await state.blpop([replies], timeout=min(left, LIVENESS_SLICE))
-                if popped is not None:
-                    if not self.is_current(str(popped[1])):
-                        continue  # a late reply to an earlier call that timed out
-                    return self.reply(str(popped[1]))
-                if not await state.exists(protocol.agent_key(self.agent_id)):
-                    self._open = False
-                    raise LeaseLost(f"the agent {self.agent_name} of lease {self.id} died")
-                if time.monotonic() >= deadline:
-                    self._open = False
-                    raise CallTimeout(
-                        f"the leased agent {self.agent_name} did not answer within {request['call_timeout']:g}s"
-                    )
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
+        return await self.aclient.run(self.call_steps(args, keywords))
 
     async def release(self, broken: bool = False) -> None:
         """Give the agent back (reset, or recycled when ``broken``). Idempotent."""
-        message = self.release_message(broken)
-        if message is not None:
-            state = self.aclient._mailbox().state
-            try:
-                await state.rpush(protocol.lease_requests_key(self.id), message)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
+        await self.aclient.run(self.release_steps(broken))
 
 
-async def _pop(state: redis.asyncio.Redis, key: str, seconds: float) -> str | None:
-    deadline = time.monotonic() + seconds
+async def _pop(state: redis.asyncio.Redis, key: str, deadline: float) -> str | None:
     while (left := deadline - time.monotonic()) > 0:
-        popped = await state.blpop([key], timeout=min(left, protocol.BLOCK_SLICE))
+        popped = await state.blpop([key], timeout=max(0.001, min(left, protocol.BLOCK_SLICE)))
         if popped is not None:
             return str(popped[1])
     return None
@@ -364,20 +323,9 @@ def default_async_client() -> AsyncClient:
     return AsyncClient(default_client())
 
 
-async def acall(
-    pool: str,
-    *args: Any,
-    op: str | None = None,
-    timeout: float | None = None,
-    call_timeout: float | None = None,
-    block: bool = True,
-    kwargs: Mapping[str, Any] | None = None,
-    **keywords: Any,
-) -> Any:
+async def acall(pool: str, /, *args: Any, **keywords: Any) -> Any:
     """``await`` a call on ``pool`` (see :meth:`AsyncClient.call`)."""
-    return await default_async_client().call(
-        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, kwargs=kwargs, **keywords
-    )
+    return await default_async_client().call(pool, *args, **keywords)
 
 
 def alease(pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> AsyncLease:
@@ -390,9 +338,9 @@ async def amap(pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
     return await default_async_client().map(pool, items, **options)
 
 
-async def adrain(pool: str, timeout: float | None = None) -> PoolStatus:
-    """``await`` the pool's quiescence (see :meth:`AsyncClient.drain`)."""
-    return await default_async_client().drain(pool, timeout=timeout)
+async def await_quiet(pool: str, timeout: float | None = None) -> PoolStatus:
+    """``await`` the pool's quiescence (see :meth:`AsyncClient.wait_quiet`)."""
+    return await default_async_client().wait_quiet(pool, timeout=timeout)
 
 
 async def astatus(pool: str) -> PoolStatus:
@@ -407,7 +355,7 @@ def run_sync(coroutine_fn: Callable[[AsyncClient], Any], client: Client) -> Any:
     except RuntimeError:
         pass
     else:
-        raise RuntimeError("poolq: inside a running event loop, use the async form (amap, adrain)")
+        raise RuntimeError("poolq: inside a running event loop, use the async form (amap, await_quiet)")
     aclient = AsyncClient(client)
 
     async def run() -> Any:
@@ -422,4 +370,4 @@ def run_sync(coroutine_fn: Callable[[AsyncClient], Any], client: Client) -> Any:
         aclient._executor.shutdown(wait=False)
 
 
-__all__ = ["Arguments", "AsyncClient", "AsyncLease", "acall", "adrain", "alease", "amap", "default_async_client"]
+__all__ = ["Arguments", "AsyncClient", "AsyncLease", "acall", "alease", "amap", "astatus", "await_quiet"]

@@ -12,6 +12,10 @@ anybody else. ``release(broken=True)``, a call that timed out, or a client that
 vanished (nothing sent for ``ttl`` seconds) sends the agent to recycling
 instead. Calls travel on the lease's own Redis lists, never through the result
 backend.
+
+What a lease is and does lives in :class:`LeaseCore` (steps of
+:mod:`poolq.client.core`); :class:`Lease` runs them in threads,
+:class:`~poolq.client.aio.AsyncLease` in an event loop.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, CheckoutTimeout, LeaseLost, PoolqTimeout
-from ..store import protocol, registry
-from . import options
+from ..store import protocol
+from . import core, options
+from .core import Alive, Inspect, Pop, Push, Send, Steps
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -38,10 +43,7 @@ LIVENESS_SLICE = 1.0
 
 
 class LeaseCore:
-    """What a lease is, apart from how its client waits: options, messages, grant, requests.
-
-    :class:`Lease` waits in threads, :class:`~poolq.client.aio.AsyncLease` in an event loop.
-    """
+    """A lease's options, messages and steps (acquire, call, release), whatever waits on them."""
 
     def __init__(self, config: Config, pool: str, timeout: float | None, ttl: float | None, block: bool) -> None:
         self.pool = config.pool(options.pool_name(pool))
@@ -54,17 +56,35 @@ class LeaseCore:
         self._seq = 0
         self._open = False
 
-    def spec(self) -> Any:
-        """The lease's request, as a call to send (its calls carry their own limits)."""
-        from .sync import CallSpec
+    @property
+    def requests(self) -> str:
+        return protocol.lease_requests_key(self.id)
 
-        return CallSpec(pool=self.pool, args=(), kwargs={}, op=None, timeout=self.timeout, call_timeout=None)
+    @property
+    def replies(self) -> str:
+        return protocol.lease_replies_key(self.id)
 
-    def headers(self) -> dict[str, Any]:
-        return {protocol.HEADER_LEASE: self.id, protocol.HEADER_LEASE_TTL: self.ttl}
+    def acquire_steps(self, gate: core.Gate) -> Steps[None]:
+        """Wait up to ``timeout`` for an agent of the pool to take the lease.
 
-    def granted(self, grant: str) -> None:
-        """Take the agent's first answer: its grant, or why it could not serve (raised)."""
+        Raises:
+            PoolClosed, PoolDegraded, PoolExhausted: before anything is sent.
+            CheckoutTimeout: no agent took the lease within ``timeout``.
+            AgentUnavailable: the agent that took it could not be set up.
+        """
+        spec = core.CallSpec(self.pool, (), {}, None, self.timeout, None, self.block)
+        yield from core.admission(gate, spec)
+        task_id = str(uuid.uuid4())
+        yield Send(
+            spec, task_id, self.replies, headers={protocol.HEADER_LEASE: self.id, protocol.HEADER_LEASE_TTL: self.ttl}
+        )
+        grant = yield Pop(self.replies, time.monotonic() + self.timeout)
+        if grant is None:
+            if (yield Inspect(task_id, self.replies)).given_up:
+                raise CheckoutTimeout(f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s")
+            grant = yield Pop(self.replies, time.monotonic() + protocol.BLOCK_SLICE)
+        if grant is None:
+            raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
         document = json.loads(grant)
         if "ended" in document:
             raise protocol.error_from({"kind": "unavailable", "type": "", "message": document.get("message", "")})
@@ -73,42 +93,54 @@ class LeaseCore:
         self.agent_id, self.agent_name = document["granted"], document["name"]
         self._open = True
 
-    def request(
-        self, args: tuple[Any, ...], op: str | None, call_timeout: float | None, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The next request of this lease, checked at the boundary.
+    def call_steps(self, args: tuple[Any, ...], keywords: Mapping[str, Any]) -> Steps[Any]:
+        """Run an operation on the leased agent (``op`` and ``call_timeout`` among ``keywords``).
 
         Raises:
-            LeaseLost, InvalidOption, InvalidPayload
+            LeaseLost: the lease ended (released, expired, timed out, or its agent died).
+            CallTimeout: the agent did not finish within ``call_timeout`` (the lease ends).
+            AgentError, UnknownOperation, InvalidArguments, InvalidPayload, InvalidOption.
         """
         if not self._open:
             raise LeaseLost(f"lease {self.id} on {self.pool.name!r} is not open")
-        op = options.operation(op)
-        limit = options.seconds("call_timeout", call_timeout, self.pool.call_timeout)
+        chosen, kwargs = options.split(keywords)
+        limit = options.seconds("call_timeout", chosen.get("call_timeout"), self.pool.call_timeout)
+        assert limit is not None
+        request = {"op": options.operation(chosen.get("op")), "args": list(args), "kwargs": kwargs}
         protocol.check_arguments(self.pool.name, args, kwargs, self.pool.max_payload_bytes)
         self._seq += 1
-        return {"seq": self._seq, "op": op, "args": list(args), "kwargs": kwargs, "call_timeout": limit}
+        yield Push(self.requests, json.dumps({**request, "seq": self._seq, "call_timeout": limit}), self._list_ttl)
+        deadline = time.monotonic() + limit + protocol.CALL_GRACE
+        while True:
+            raw = yield Pop(self.replies, min(deadline, time.monotonic() + LIVENESS_SLICE))
+            if raw is not None:
+                document = json.loads(raw)
+                if document.get("seq", self._seq) == self._seq:  # not a late reply to a call that timed out
+                    return self._reply(document)
+            elif not (yield Alive(self.agent_id)):
+                self._open = False
+                raise LeaseLost(f"the agent {self.agent_name} of lease {self.id} died")
+            elif time.monotonic() >= deadline:
+                self._open = False
+                raise CallTimeout(f"the leased agent {self.agent_name} did not answer within {limit:g}s")
 
-    def reply(self, raw: str) -> Any:
-        """The result of a request's reply (its error raised; the lease closed when it ended)."""
-        document = json.loads(raw)
+    def release_steps(self, broken: bool) -> Steps[None]:
+        """Give the agent back: reset, or recycled when ``broken``. Idempotent."""
+        if self._open:
+            self._open = False
+            yield Push(self.requests, json.dumps({"release": True, "broken": broken}), self._list_ttl)
+
+    @property
+    def _list_ttl(self) -> int:
+        return int(self.ttl) + protocol.REPLY_TTL
+
+    def _reply(self, document: dict[str, Any]) -> Any:
         if "ended" in document:
             self._open = False
             raise LeaseLost(f"lease {self.id} on {self.pool.name!r} ended: {document['ended']}")
         if document.get("error", {}).get("kind") == "call_timeout":
             self._open = False  # the agent ends the lease and is recycled
         return protocol.result_of(document)
-
-    def is_current(self, raw: str) -> bool:
-        """Whether a reply answers the latest request (not a late one to a request that timed out)."""
-        return bool(json.loads(raw).get("seq", self._seq) == self._seq)
-
-    def release_message(self, broken: bool) -> str | None:
-        """The release request, once (None when the lease is not open)."""
-        if not self._open:
-            return None
-        self._open = False
-        return json.dumps({"release": True, "broken": broken})
 
 
 class Lease(LeaseCore):
@@ -119,8 +151,7 @@ class Lease(LeaseCore):
         self.client = client
 
     def __enter__(self) -> Lease:
-        self.acquire()
-        return self
+        return self.acquire()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -128,80 +159,14 @@ class Lease(LeaseCore):
         self.release(broken=isinstance(exc, PoolqTimeout))
 
     def acquire(self) -> Lease:
-        """Wait up to ``timeout`` for an agent of the pool to take the lease.
-
-        Raises:
-            PoolExhausted: ``block=False`` and no agent is free.
-            CheckoutTimeout: no agent took the lease within ``timeout``.
-            AgentUnavailable: the agent that took it could not be set up.
-        """
-        client = self.client
-        client.check_open(self.pool)
-        client.check_capacity(self.pool, block=self.block)
-        task_id, replies = str(uuid.uuid4()), protocol.lease_replies_key(self.id)
-        client.send(self.spec(), task_id, replies, headers=self.headers())
-        with client.translate_errors():
-            grant = client.scripts.pop(replies, time.monotonic() + self.timeout)
-            if grant is None:
-                if client.inspect(task_id, replies).given_up:
-                    raise CheckoutTimeout(
-                        f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s"
-                    )
-                grant = client.scripts.pop(replies, time.monotonic() + protocol.BLOCK_SLICE)
-        if grant is None:
-            raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
-        self.granted(grant)
+        """Wait for an agent to take the lease (see :meth:`LeaseCore.acquire_steps`)."""
+        self.client.run(self.acquire_steps(self.client.gate))
         return self
 
-    def call(
-        self,
-        *args: Any,
-        op: str | None = None,
-        call_timeout: float | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        **keywords: Any,
-    ) -> Any:
-        """Run ``op`` (default ``handle``) on the leased agent and return its result.
-
-        Raises:
-            LeaseLost: the lease ended (released, expired, timed out, or its agent died).
-            CallTimeout: the agent did not finish within ``call_timeout`` (the lease ends).
-            AgentError, UnknownOperation, InvalidArguments, InvalidPayload, InvalidOption.
-        """
-        request = self.request(args, op, call_timeout, options.keywords(keywords, kwargs))
-        with self.client.translate_errors():
-            raw = self._exchange(json.dumps(request), request["call_timeout"] + protocol.CALL_GRACE)
-        return self.reply(raw)
+    def call(self, *args: Any, **keywords: Any) -> Any:
+        """Run ``op`` (default ``handle``) on the leased agent (see :meth:`LeaseCore.call_steps`)."""
+        return self.client.run(self.call_steps(args, keywords))
 
     def release(self, broken: bool = False) -> None:
         """Give the agent back: reset, or recycled when ``broken``. Idempotent."""
-        message = self.release_message(broken)
-        if message is not None:
-            with self.client.translate_errors():
-                self.client.state.rpush(protocol.lease_requests_key(self.id), message)
-
-    def _exchange(self, request: str, seconds: float) -> str:
-        """Send one request and wait for its reply, watching that the agent lives."""
-        state = self.client.state
-        requests, replies = protocol.lease_requests_key(self.id), protocol.lease_replies_key(self.id)
-        deadline = time.monotonic() + seconds
-        pipe = state.pipeline(transaction=False)
-        pipe.rpush(requests, request)
-        pipe.expire(requests, int(self.ttl) + protocol.REPLY_TTL)
-        # The first wait rides in the same round trip as the request.
-        pipe.blpop([replies], timeout=min(seconds, LIVENESS_SLICE))
-        popped = pipe.execute()[-1]
-        while True:
-            if popped is not None:
-                if self.is_current(str(popped[1])):
-                    return str(popped[1])
-                popped = None  # a late reply to an earlier call that timed out
-                continue
-            if not registry.is_alive(state, self.agent_id):
-                self._open = False
-                raise LeaseLost(f"the agent {self.agent_name} of lease {self.id} died")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._open = False
-                raise CallTimeout(f"the leased agent {self.agent_name} did not answer within {seconds:g}s")
-            popped = state.blpop([replies], timeout=min(left, LIVENESS_SLICE))
+        self.client.run(self.release_steps(broken))

@@ -78,6 +78,19 @@ def pool_name(pool: Any) -> str:
     return pool
 
 
+def split(given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a call's keywords: the client's options, and the agent's keyword arguments.
+
+    The agent's include those passed in ``kwargs`` (for names the client keeps).
+
+    Raises:
+        InvalidOption: ``kwargs`` is not a dict with string keys, or repeats a keyword.
+    """
+    chosen = {name: given[name] for name in RESERVED if name in given and name != "kwargs"}
+    agent = {name: value for name, value in given.items() if name not in RESERVED}
+    return chosen, keywords(agent, given.get("kwargs"))
+
+
 def keywords(extra: Mapping[str, Any], kwargs: Any) -> dict[str, Any]:
     """The agent's keyword arguments: those passed directly, plus ``kwargs`` (for reserved names).
 

@@ -1,9 +1,10 @@
-"""The client: ``call`` (send and wait) and ``cast`` (send, resolve later).
+"""The client, waiting in threads: ``call`` (send and wait), ``cast`` (send, read later), leases, status.
 
-The call path, top to bottom::
+The call path, top to bottom (the steps are :func:`poolq.client.core.call`)::
 
-    call(pool, *args, **kwargs)
+    call(pool, *args, **keywords)
       -> check pool, options, payload                (typed errors, nothing sent)
+      -> the pool open? (closed, degraded: refused)  (its state read once a second)
       -> Celery send_task to queue poolq.<pool>      (headers: reply list, deadline)
       -> BLPOP poolq:reply:<id> until the deadline
          -> nothing yet: try to claim the call as given up
@@ -15,14 +16,11 @@ The call path, top to bottom::
 from __future__ import annotations
 
 import functools
-import json
-import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import amqp.exceptions
 import kombu.exceptions
@@ -30,25 +28,17 @@ import redis
 from celery import Celery
 
 from ..app import create_app, default_app
-from ..config import Config, PoolConfig, load_config
-from ..errors import (
-    BrokerUnavailable,
-    PoolClosed,
-    PoolDegraded,
-    PoolExhausted,
-    PoolqError,
-    PoolqTimeout,
-    ResultTimeout,
-)
+from ..config import Config, load_config
+from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
 from ..store import protocol, queues, registry
-from ..store.queues import same_redis
 from ..store.status import PoolStatus, read_status
-from . import options
+from . import core, options
+from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
+from .handle import Handle
 from .lease import Lease
-from .waiting import CallWait
 
-#: Seconds a client trusts what it last read of a pool's circuit breaker.
-BREAKER_CACHE = 1.0
+T = TypeVar("T")
+
 #: How hard Celery tries to publish while the broker is unreachable: about a
 #: second in all, then the call fails with BrokerUnavailable.
 PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.3, "interval_max": 0.5}
@@ -63,20 +53,6 @@ CONNECTION_ERRORS = (
 )
 
 
-@dataclass(frozen=True)
-class CallSpec:
-    """A call checked at the boundary, ready to be sent."""
-
-    pool: PoolConfig
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    op: str | None
-    #: Seconds the call may wait for an agent; None: forever (a cast's default).
-    timeout: float | None
-    #: Seconds the agent may spend on it; None for a lease (its calls carry their own).
-    call_timeout: float | None
-
-
 class Client:
     """A connection to one poolq deployment (its config, broker and state Redis).
 
@@ -88,8 +64,7 @@ class Client:
     def __init__(self, config: Config | None = None, app: Celery | None = None) -> None:
         self.config = config or load_config()
         self._app = app
-        #: Per pool: when its state was read, and why calls are refused (None: they are not).
-        self._breakers: dict[str, tuple[float, tuple[type[PoolqError], str] | None]] = {}
+        self.gate = core.Gate()
 
     @functools.cached_property
     def app(self) -> Celery:
@@ -114,72 +89,47 @@ class Client:
         if "app" in self.__dict__ and self._app is None:
             self.app.close()  # its broker connections and producer pool
 
-    def call(
-        self,
-        pool: str,
-        *args: Any,
-        op: str | None = None,
-        timeout: float | None = None,
-        call_timeout: float | None = None,
-        block: bool = True,
-        kwargs: Mapping[str, Any] | None = None,
-        **keywords: Any,
-    ) -> Any:
-        """Run ``op`` (default ``handle``) on an agent of ``pool`` and return its result.
+    def call(self, pool: str, /, *args: Any, **keywords: Any) -> Any:
+        """Run an operation on an agent of ``pool`` and return its result.
 
-        Parameters:
-            pool: a configured pool name.
-            args, keywords: the operation's arguments (plain JSON).
-            op: the agent operation; ``None`` runs ``handle``.
-            timeout: seconds to wait for a free agent (default: the pool's).
-                A call not started by then never runs.
-            call_timeout: seconds the agent may spend on it (default: the pool's).
-            block: ``False`` fails at once with ``PoolExhausted`` when no agent
-                is free and overflow is spent, instead of waiting in the queue.
-            kwargs: more keyword arguments for the operation, for names the
-                client keeps for itself (``timeout``, ``op``, ...).
+        ``args`` and ``keywords`` are the operation's arguments (plain JSON),
+        except these keywords, the call's options:
+
+        - ``op``: the agent operation; ``None`` (default) runs ``handle``.
+        - ``timeout``: seconds to wait for a free agent (default: the pool's).
+          A call not started by then never runs.
+        - ``call_timeout``: seconds the agent may spend on it (default: the pool's).
+        - ``block``: ``False`` fails at once with ``PoolExhausted`` when no agent
+          is free and overflow is spent, instead of waiting in the queue.
+        - ``kwargs``: more keyword arguments for the operation, for names the
+          client keeps for itself (``timeout``, ``op``, ...).
 
         The caller waits at most ``timeout + call_timeout + 2`` seconds, plus
         the same again for each delivery lost to an agent that died (see
         :mod:`poolq.client.waiting`).
 
         Raises:
-            UnknownPool, InvalidOption, InvalidPayload, PoolExhausted, PoolDegraded: before anything is sent.
+            UnknownPool, InvalidOption, InvalidPayload, PoolExhausted, PoolDegraded, PoolClosed: before sending.
             CheckoutTimeout: no agent took the call within ``timeout``.
             CallTimeout: the agent did not finish within ``call_timeout``.
             AgentError: the agent raised; ``remote_type``, ``message`` and
                 ``remote_traceback`` describe it.
             UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed, BrokerUnavailable.
         """
-        spec = self.admit(pool, args, options.keywords(keywords, kwargs), op, timeout, call_timeout, block)
-        self.check_capacity(spec.pool, block)
+        spec = core.admit(self.config, pool, args, keywords)
         task_id = str(uuid.uuid4())
-        reply_to = protocol.reply_key(task_id)
-        self.send(spec, task_id, reply_to)
-        return protocol.decode_reply(self.wait_reply(spec, task_id, reply_to))
+        redelivery = self.config.redelivery_window
+        return self.run(core.call(self.gate, spec, task_id, protocol.reply_key(task_id), redelivery))
 
-    def cast(
-        self,
-        pool: str,
-        *args: Any,
-        op: str | None = None,
-        timeout: float | None = None,
-        call_timeout: float | None = None,
-        block: bool = True,
-        kwargs: Mapping[str, Any] | None = None,
-        **keywords: Any,
-    ) -> Handle:
+    def cast(self, pool: str, /, *args: Any, **keywords: Any) -> Handle:
         """Send a call and return at once with a :class:`Handle` on its result.
 
-        ``timeout`` (default: none) is how long the call may wait in the queue;
-        the other parameters and errors are those of :meth:`call`.
+        The options are those of :meth:`call`, but ``timeout`` (how long the
+        call may wait in the queue) defaults to none.
         """
-        spec = self.admit(
-            pool, args, options.keywords(keywords, kwargs), op, timeout, call_timeout, block, queue_forever=True
-        )
-        self.check_capacity(spec.pool, block)
+        spec = core.admit(self.config, pool, args, keywords, queue_forever=True)
         task_id = str(uuid.uuid4())
-        self.send(spec, task_id, protocol.reply_key(task_id), result=protocol.result_key(task_id))
+        self.run(core.cast(self.gate, spec, task_id))
         deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
         return Handle(task_id, client=self, deadline=deadline)
 
@@ -203,7 +153,7 @@ class Client:
 
         return list(run_sync(lambda aclient: aclient.map(pool, items, **options), self))
 
-    def drain(self, pool: str, timeout: float | None = None) -> PoolStatus:
+    def wait_quiet(self, pool: str, timeout: float | None = None) -> PoolStatus:
         """Wait until nothing waits in the pool's queue and no agent is busy or leased (quiescence).
 
         Raises:
@@ -211,10 +161,27 @@ class Client:
         """
         from .aio import run_sync
 
-        status: PoolStatus = run_sync(lambda aclient: aclient.drain(pool, timeout=timeout), self)
+        status: PoolStatus = run_sync(lambda aclient: aclient.wait_quiet(pool, timeout=timeout), self)
         return status
 
-    def stop_nodes(self, pool: str, timeout: float = 300.0) -> list[str]:
+    def drain(self, pool: str) -> dict[str, int]:
+        """Retire the pool's idle agents above each node's base size now, instead of after ``overflow_idle``.
+
+        Returns each node's count of agents retired.
+
+        Raises:
+            UnknownPool, BrokerUnavailable
+        """
+        nodes = [node.id for node in self.status(pool).nodes]
+        if not nodes:
+            return {}
+        with self.translate_errors():
+            replies = self.app.control.broadcast(
+                "poolq_drain", arguments={"pool": pool}, destination=nodes, reply=True, timeout=2.0
+            )
+        return {node: int(answer.get("retired", 0)) for reply in replies for node, answer in reply.items()}
+
+    def stop(self, pool: str, timeout: float = 300.0) -> list[str]:
         """Close the pool and stop every one of its worker nodes gracefully (Celery's warm shutdown); their names.
 
         In-flight calls finish; calls still queued, or prefetched but not
@@ -229,7 +196,7 @@ class Client:
             self.state.hset(
                 registry.stats_key(self.config.pool(pool).name), "closed", time.strftime("%Y-%m-%d %H:%M:%S")
             )
-        self._breakers.pop(pool, None)
+        self.gate.forget(pool)
         nodes = [node.id for node in self.status(pool).nodes]
         if not nodes:
             return []
@@ -268,145 +235,68 @@ class Client:
         """A handle on an earlier cast, known by its id (from any process)."""
         return Handle(task_id, client=self)
 
-    # -- the parts calls, casts and leases share ---------------------------
+    # -- carrying the core's effects out, in this thread ---------------------
 
-    def admit(
-        self,
-        pool: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        op: str | None,
-        timeout: float | None,
-        call_timeout: float | None,
-        block: bool,
-        queue_forever: bool = False,
-    ) -> CallSpec:
-        """Check a call at the boundary, before anything is sent: pool, options, payload, breaker.
+    def run(self, steps: core.Steps[T]) -> T:
+        """Drive steps of :mod:`poolq.client.core` to their end."""
+        return core.run(steps, self.perform)
 
-        ``timeout`` defaults to the pool's, or to none with ``queue_forever`` (a cast).
+    def perform(self, effect: Effect) -> Any:
+        """Carry one effect out."""
+        with self.translate_errors():
+            if isinstance(effect, Pop):
+                # Rides out a state Redis restart until the deadline.
+                return self.scripts.pop(effect.key, effect.deadline)
+            if isinstance(effect, Send):
+                return self.send(effect)
+            if isinstance(effect, Inspect):
+                return self.inspect(effect.task_id, effect.reply_to, effect.result)
+            if isinstance(effect, ReadPool):
+                return {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(effect.pool)).items()}
+            if isinstance(effect, ReadStatus):
+                return self.status(effect.pool)
+            if isinstance(effect, Push):
+                pipe = self.state.pipeline(transaction=False)
+                pipe.rpush(effect.key, effect.value)
+                pipe.expire(effect.key, effect.ttl)
+                pipe.execute()
+                return None
+            if isinstance(effect, Alive):
+                return registry.is_alive(self.state, effect.agent_id)
+        raise TypeError(f"not an effect: {effect!r}")
 
-        Raises:
-            UnknownPool, InvalidOption, InvalidPayload, PoolDegraded
-        """
-        config = self.config.pool(options.pool_name(pool))
-        options.flag("block", block)
-        spec = CallSpec(
-            pool=config,
-            args=args,
-            kwargs=kwargs,
-            op=options.operation(op),
-            timeout=options.seconds("timeout", timeout, None if queue_forever else config.timeout),
-            call_timeout=options.seconds("call_timeout", call_timeout, config.call_timeout) or config.call_timeout,
-        )
-        protocol.check_arguments(config.name, args, kwargs, config.max_payload_bytes)
-        self.check_open(config)  # a Redis read at most once a second
-        return spec
+    def send(self, effect: Send) -> None:
+        """Put the call on the pool's queue.
 
-    def check_open(self, pool: PoolConfig) -> None:
-        """Fail fast while the pool is closed (stopped on purpose) or degraded (its setups keep failing).
-
-        Reads the pool's state at most once per :data:`BREAKER_CACHE`
-        seconds, so it costs the call path a round trip once a second, not per call.
-
-        Raises:
-            PoolClosed, PoolDegraded, BrokerUnavailable
-        """
-        now = time.monotonic()
-        checked_at, refusal = self._breakers.get(pool.name, (-math.inf, None))
-        if now - checked_at >= BREAKER_CACHE:
-            with self.translate_errors():
-                stats = {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(pool.name)).items()}
-            refusal = None
-            if stats.get("closed"):
-                refusal = (PoolClosed, f"pool {pool.name!r} was stopped on purpose ({stats['closed']}); start a node")
-            elif registry.breaker_open(stats, time.time()):
-                error = stats.get("breaker_error", "")
-                refusal = (PoolDegraded, f"pool {pool.name!r} is degraded, its agents fail to set up: {error}")
-            self._breakers[pool.name] = (now, refusal)
-        if refusal is not None:
-            cls, message = refusal
-            raise cls(message)
-
-    def check_capacity(self, pool: PoolConfig, block: bool) -> None:
-        """Fail fast, without sending, when the pool cannot take a call now.
-
-        Costs one round trip, and only when asked for (``block=False``) or
-        when the pool sets ``max_waiting``.
-
-        Raises:
-            PoolExhausted
-        """
-        if block and pool.max_waiting is None:
-            return
-        now = self.status(pool.name)
-        if pool.max_waiting is not None and now.waiting >= pool.max_waiting:
-            raise PoolExhausted(f"pool {pool.name!r} has {now.waiting} calls waiting (max_waiting {pool.max_waiting})")
-        if not block and now.available == 0 and not now.can_grow:
-            raise PoolExhausted(f"no agent of pool {pool.name!r} is free and its overflow is spent")
-
-    def send(
-        self,
-        spec: CallSpec,
-        task_id: str,
-        reply_to: str,
-        result: str | None = None,
-        headers: dict[str, Any] | None = None,
-    ) -> None:
-        """Put the call on the pool's queue; the reply goes to the list ``reply_to``.
-
-        ``result`` names the key that keeps a cast's result. The deadline for
-        an agent to take the call travels in a poolq header, not in Celery's
-        ``expires``: Celery drops an expired message unseen, even a call an
-        agent already started and that must be taken over after a crash.
+        The deadline for an agent to take the call travels in a poolq header,
+        not in Celery's ``expires``: Celery drops an expired message unseen,
+        even a call an agent already started and that must be taken over after a crash.
 
         Raises:
             BrokerUnavailable: the broker stayed unreachable for about a second.
         """
-        message_headers: dict[str, Any] = {
+        spec = effect.spec
+        headers = {
             protocol.HEADER_OP: spec.op,
-            protocol.HEADER_REPLY: reply_to,
+            protocol.HEADER_REPLY: effect.reply_to,
             protocol.HEADER_CALL_TIMEOUT: spec.call_timeout,
             protocol.HEADER_DEADLINE: protocol.deadline_after(spec.timeout),
-            **(headers or {}),
+            **effect.headers,
         }
-        if result:
-            message_headers[protocol.HEADER_RESULT] = result
+        if effect.result:
+            headers[protocol.HEADER_RESULT] = effect.result
         with self.translate_errors():
             self.app.send_task(
                 spec.pool.task_name,
                 args=spec.args,
                 kwargs=spec.kwargs,
-                task_id=task_id,
+                task_id=effect.task_id,
                 queue=spec.pool.queue,
                 routing_key=spec.pool.queue,
-                headers=message_headers,
+                headers=headers,
                 retry=True,
                 retry_policy=PUBLISH_RETRY,
             )
-
-    def wait_reply(self, spec: CallSpec, task_id: str, reply_to: str, what: str = "call") -> str:
-        """Wait for the reply of a sent call, as :mod:`poolq.client.waiting` says; the raw reply.
-
-        Raises:
-            CheckoutTimeout, CallTimeout, BrokerUnavailable.
-        """
-        assert spec.timeout is not None and spec.call_timeout is not None
-        wait = CallWait(
-            pool=spec.pool.name,
-            timeout=spec.timeout,
-            call_timeout=spec.call_timeout,
-            max_deliveries=spec.pool.max_deliveries,
-            redelivery=self.config.redelivery_window,
-            started=time.monotonic(),
-            what=what,
-        )
-        deadline = wait.first_deadline
-        with self.translate_errors():
-            while True:
-                reply = self.scripts.pop(reply_to, deadline)
-                if reply is not None:
-                    return reply
-                deadline = wait.next_deadline(time.monotonic(), self.inspect(task_id, reply_to))
 
     def inspect(self, task_id: str, reply_to: str = "", result: str = "") -> protocol.ClaimView:
         """Give the call up unless an agent holds it; the claim as it stands then."""
@@ -431,89 +321,7 @@ class Client:
 
     @functools.cached_property
     def _queue_in_state(self) -> bool:
-        return same_redis(self.config.broker_url, self.config.state_url)
-
-
-class Handle:
-    """The result of a :func:`cast`, now or later, here or in another process.
-
-    Example::
-
-        handle = poolq.cast("embed", texts=["hello"])
-        later = poolq.Handle(handle.id)        # in another process
-        vectors = later.result(timeout=30)
-
-    Its result stays readable by id for ``result_expires`` seconds (``[poolq]``
-    in the configuration, a day by default), and raises the same typed errors
-    as :func:`call`.
-    """
-
-    #: Longest single wait on the result's notification list: another reader
-    #: may take the notification, so each slice looks at the stored result again.
-    SLICE = 1.0
-
-    def __init__(self, task_id: str, client: Client | None = None, deadline: float | None = None) -> None:
-        self.id = task_id
-        self._client = client
-        #: When the cast stops waiting for an agent (monotonic; known to the process that sent it).
-        self._deadline = deadline
-
-    def __repr__(self) -> str:
-        return f"<poolq.Handle {self.id}>"
-
-    @property
-    def client(self) -> Client:
-        return self._client or default_client()
-
-    @property
-    def state(self) -> str:
-        """The state of the call: PENDING (queued), STARTED (an agent runs it), SUCCESS or FAILURE."""
-        client = self.client
-        with client.translate_errors():
-            stored = client.state.get(protocol.result_key(self.id))
-            if stored is not None:
-                return "SUCCESS" if "ok" in json.loads(stored) else "FAILURE"
-            owner = client.state.hget(protocol.claim_key(self.id), "owner")
-        if owner == protocol.EXPIRED:
-            return "FAILURE"
-        return "PENDING" if owner is None else "STARTED"
-
-    def ready(self) -> bool:
-        """Whether the call has finished (successfully or not)."""
-        client = self.client
-        with client.translate_errors():
-            return bool(client.state.exists(protocol.result_key(self.id)))
-
-    def result(self, timeout: float | None = None) -> Any:
-        """Wait up to ``timeout`` seconds (default: forever) and return the result.
-
-        Raises:
-            ResultTimeout: the call has not finished within ``timeout``.
-            CheckoutTimeout, CallTimeout, AgentError, AgentCrashed, ...: as :meth:`Client.call`.
-        """
-        client = self.client
-        timeout = options.seconds("timeout", timeout)
-        give_up_at = self._deadline
-        until = math.inf if timeout is None else time.monotonic() + timeout
-        key, notify = protocol.result_key(self.id), protocol.reply_key(self.id)
-        with client.translate_errors():
-            while True:
-                stored = client.scripts.command("GET", key)
-                if stored is not None:
-                    return protocol.decode_reply(str(stored))
-                now = time.monotonic()
-                if give_up_at is not None and now >= give_up_at:
-                    # Nobody took the cast within its timeout: close it (a
-                    # CheckoutTimeout result), unless an agent holds it.
-                    client.inspect(self.id, result=key)
-                    give_up_at = None
-                    continue
-                if now >= until:
-                    raise ResultTimeout(f"cast {self.id} has not finished after {timeout:g}s")
-                slice_end = min(until, now + self.SLICE, give_up_at or math.inf)
-                reply = client.scripts.pop(notify, slice_end)
-                if reply is not None:
-                    return protocol.decode_reply(reply)
+        return queues.same_redis(self.config.broker_url, self.config.state_url)
 
 
 @functools.cache
@@ -523,41 +331,19 @@ def default_client() -> Client:
     return Client(app.poolq_config, app=app)
 
 
-def call(
-    pool: str,
-    *args: Any,
-    op: str | None = None,
-    timeout: float | None = None,
-    call_timeout: float | None = None,
-    block: bool = True,
-    kwargs: Mapping[str, Any] | None = None,
-    **keywords: Any,
-) -> Any:
+def call(pool: str, /, *args: Any, **keywords: Any) -> Any:
     """Run a call on ``pool`` and wait for its result (see :meth:`Client.call`)."""
-    return default_client().call(
-        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, kwargs=kwargs, **keywords
-    )
+    return default_client().call(pool, *args, **keywords)
+
+
+def cast(pool: str, /, *args: Any, **keywords: Any) -> Handle:
+    """Send a call to ``pool`` and return a :class:`Handle` at once (see :meth:`Client.cast`)."""
+    return default_client().cast(pool, *args, **keywords)
 
 
 def status(pool: str) -> PoolStatus:
     """The pool's state, counters and agents (see :meth:`Client.status`)."""
     return default_client().status(pool)
-
-
-def cast(
-    pool: str,
-    *args: Any,
-    op: str | None = None,
-    timeout: float | None = None,
-    call_timeout: float | None = None,
-    block: bool = True,
-    kwargs: Mapping[str, Any] | None = None,
-    **keywords: Any,
-) -> Handle:
-    """Send a call to ``pool`` and return a :class:`Handle` at once (see :meth:`Client.cast`)."""
-    return default_client().cast(
-        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, block=block, kwargs=kwargs, **keywords
-    )
 
 
 def lease(pool: str, timeout: float | None = None, ttl: float | None = None, block: bool = True) -> Lease:
@@ -570,6 +356,11 @@ def map(pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
     return default_client().map(pool, items, **options)
 
 
-def drain(pool: str, timeout: float | None = None) -> PoolStatus:
-    """Wait for the pool's quiescence (see :meth:`Client.drain`)."""
-    return default_client().drain(pool, timeout=timeout)
+def wait_quiet(pool: str, timeout: float | None = None) -> PoolStatus:
+    """Wait for the pool's quiescence (see :meth:`Client.wait_quiet`)."""
+    return default_client().wait_quiet(pool, timeout=timeout)
+
+
+def drain(pool: str) -> dict[str, int]:
+    """Retire the pool's idle agents above each node's base size now (see :meth:`Client.drain`)."""
+    return default_client().drain(pool)

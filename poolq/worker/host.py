@@ -511,16 +511,22 @@ class AgentHost:
         self._count(terminated=1)
 
     def _check_idle_health(self) -> None:
-        """In the heartbeat thread: check agents that sat idle past health_interval, and idle agents' limits."""
+        """In the heartbeat thread: check agents that sat idle past health_interval, and idle agents' limits.
+
+        A checked agent is out of the free list while it is checked, and goes
+        back to its place (the lifo/fifo order is the strategy's, not the heartbeat's).
+        """
         for slot in self.slots:
-            if slot.agent is None:
+            health_due = time.monotonic() - slot.health_checked_at >= self.pool.health_interval
+            if slot.agent is None or not (health_due or self.retire is not None):
                 continue
             with self._cond:
                 if slot not in self._free:
                     continue  # busy: it is checked before and after its next call
+                place = self._free.index(slot)
                 self._free.remove(slot)
             try:
-                if time.monotonic() - slot.health_checked_at >= self.pool.health_interval and not self.healthy(slot):
+                if health_due and not self.healthy(slot):
                     logger.warning("agent %s failed its health check while idle", slot.name)
                     slot.state = "unhealthy"
                     self._mark_for_replacement(slot, "failed health check")
@@ -528,7 +534,7 @@ class AgentHost:
                     self.replace(slot, reason)  # a warm replacement, asked from here: no call needed
             finally:
                 with self._cond:
-                    self._free.append(slot)
+                    self._free.insert(min(place, len(self._free)), slot)
                     self._cond.notify()
 
     def _mark_for_replacement(self, slot: AgentSlot, reason: str) -> None:

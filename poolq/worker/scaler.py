@@ -173,6 +173,15 @@ class NodeScaler:
         self.last_needed = time.monotonic()
         return {"ok": f"pool {self.pool.name}: {processes} -> {target} processes"}
 
+    def drain_idle(self) -> int:
+        """Retire the idle processes above the base size now (``poolq drain``); how many."""
+        processes = int(self.worker.pool.num_processes)
+        excess = processes - self.base
+        if excess <= 0 or self.replacing is not None:
+            return 0
+        self._resize(-excess, processes, "drained by request")
+        return processes - int(self.worker.pool.num_processes)
+
     def enqueue(self, job: _Replacement) -> None:
         """Replace ``job.pid`` after the replacements already asked for (one at a time per node)."""
         if any(j.pid == job.pid for j in (*self.queue, *([self.replacing] if self.replacing else []))):

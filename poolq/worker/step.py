@@ -217,6 +217,15 @@ def poolq_sync(state: Any, pool: str = "", **_: Any) -> dict[str, str]:
     return {"ok": f"{scaler.pool.name} synced"}
 
 
+@control_command(args=[("pool", str)], signature="<pool>")
+def poolq_drain(state: Any, pool: str = "", **_: Any) -> dict[str, Any]:
+    """Remote control: retire this node's idle agents above its base size now (``poolq drain``)."""
+    scaler = _node.scaler if _node is not None else None
+    if scaler is None or (pool and scaler.pool.name != pool):
+        return {"retired": 0}
+    return {"retired": scaler.drain_idle()}
+
+
 @control_command(args=[("n", int)], signature="[N=1]")
 def pool_grow(state: Any, n: int = 1, **kwargs: Any) -> dict[str, str]:
     """Grow pool by n processes (a poolq node: up to its base size + max_overflow)."""

@@ -1,4 +1,4 @@
-"""F9, F24: asyncio calls and leases without a thread per waiting call; map and drain."""
+"""F9, F24: asyncio calls and leases without a thread per waiting call; map, and waiting for quiescence."""
 
 from __future__ import annotations
 
@@ -102,9 +102,9 @@ def test_map_keeps_input_order_and_reports_errors_per_item(pool: RunningPool) ->
         pool.client.map("aio", items, op="add", kwargs=True)
 
 
-def test_drain_waits_for_quiescence(pool: RunningPool) -> None:
+def test_wait_quiet_waits_for_quiescence(pool: RunningPool) -> None:
     handles = [pool.client.cast("aio", sleep=0.3) for _ in range(8)]
-    status = pool.client.drain("aio", timeout=30)
+    status = pool.client.wait_quiet("aio", timeout=30)
     assert (status.waiting, status.in_use) == (0, 0)
     assert all(handle.ready() for handle in handles)
 

@@ -1,4 +1,4 @@
-"""F18, F19, F26: a process killed mid-call, a poison pill, a setup that keeps failing, a drain under load."""
+"""F18, F19, F26: a process killed mid-call, a poison pill, a setup that keeps failing, a stop under load."""
 
 from __future__ import annotations
 
@@ -95,14 +95,14 @@ def test_setup_that_keeps_failing_degrades_the_pool_then_it_recovers(
     assert pool.client.status("flaky").state == "ready"
 
 
-def test_drain_under_load_loses_nothing(poolq_pools: PoolFactory, poolq_broker: str, state: redis.Redis) -> None:
+def test_stop_under_load_loses_nothing(poolq_pools: PoolFactory, poolq_broker: str, state: redis.Redis) -> None:
     clear(state, "drained")
     pool = poolq_pools.start("drained", "tests.agents:Probe", size=2, options={"redis_url": poolq_broker})
     handles = [pool.client.cast("drained", f"m{i}", 0.3, op="work") for i in range(20)]
     pool.wait_for(lambda: len(done(state, "drained")) >= 4, timeout=10, what="some calls done")
 
-    # When the pool's nodes are drained
-    stopped = pool.client.stop_nodes("drained", timeout=60)
+    # When the pool is stopped (its nodes drain their in-flight calls)
+    stopped = pool.client.stop("drained", timeout=60)
     node = pool.workers.pop()
     assert stopped == [node.node]
     assert node.stop(timeout=30) == 0  # it had exited on its own, cleanly

@@ -148,7 +148,7 @@ def test_sustained_cpu_over_max_cpu_percent_replaces_the_agent(poolq_pools: Pool
 
 def test_a_pool_stopped_on_purpose_refuses_calls_at_once(poolq_pools: PoolFactory, poolq_broker: str) -> None:
     pool = poolq_pools.start("closing", "tests.agents:Probe", size=1, options={"redis_url": poolq_broker})
-    pool.client.stop_nodes("closing", timeout=30)
+    pool.client.stop("closing", timeout=30)
     pool.workers.pop().stop()
     started = time.monotonic()
     with pytest.raises(PoolClosed, match="stopped on purpose"):
