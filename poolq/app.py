@@ -20,8 +20,10 @@ CONTROL_QUEUE = "poolq.control"
 #: The Celery task name of a maintenance run.
 MAINTAIN_TASK = "poolq.maintain"
 
-#: Seconds Celery waits for a new worker process beyond the pool's setup_timeout.
+#: Seconds Celery waits for a new worker process beyond the pools' setup_timeout.
 PROCESS_START_MARGIN = 10.0
+#: The bootstep that gives a worker's processes their agents.
+WORKER_STEP = "poolq.worker.step:AgentStep"
 #: Socket timeouts of the broker connections: a broker that vanished without
 #: closing its connections is noticed within this many seconds.
 BROKER_SOCKET_TIMEOUT = 10.0
@@ -83,6 +85,10 @@ def celery_settings(config: Config) -> dict[str, Any]:
         "task_routes": routes,
         "beat_schedule": schedule,
         "task_default_queue": "poolq.default",
+        # poolq bounds setups itself (setup_timeout); Celery's own start-up
+        # timeout (4 s) would kill slow starters: it waits past every pool's.
+        "worker_proc_alive_timeout": max((p.setup_timeout for p in config.pools.values()), default=0)
+        + PROCESS_START_MARGIN,
         # Flower needs task events; poolq's claims replace mingle's revoke sync.
         "worker_send_task_events": True,
         "task_send_sent_event": False,
@@ -140,9 +146,8 @@ def create_app(config: Config) -> Celery:
     for pool in config.pools.values():
         _register(app, pool)
     app.task(name=MAINTAIN_TASK, bind=True, shared=False, ignore_result=True)(_maintain)
-    from .worker.step import install_worker_step
-
-    install_worker_step(app)
+    # Named, not imported: a worker loads it when it starts; a web process never does.
+    app.steps["worker"].add(WORKER_STEP)
     return app
 
 

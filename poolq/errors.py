@@ -1,16 +1,32 @@
 """Every public poolq error, under one root.
 
 Remote failures keep the remote type name and traceback as data (strings),
-never as a pickled exception object.
+never as a pickled exception object. An error a worker sends back to a
+caller travels as its ``kind`` (see :mod:`poolq.store.protocol`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class PoolqError(Exception):
     """Base class of every error poolq raises."""
+
+    #: The name of this error in a reply (errors a worker never sends have none).
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def by_kind(cls) -> dict[str, type[PoolqError]]:
+        """Every error class with a kind, by kind."""
+        found: dict[str, type[PoolqError]] = {}
+        pending: list[type[PoolqError]] = [cls]
+        while pending:
+            current = pending.pop()
+            if current.kind:
+                found[current.kind] = current
+            pending.extend(current.__subclasses__())
+        return found
 
 
 class ConfigError(PoolqError):
@@ -32,6 +48,8 @@ class UnknownPool(PoolqError):
 class InvalidPayload(PoolqError):
     """Arguments are not plain JSON, nest too deep, or exceed the pool's size limit."""
 
+    kind = "invalid_payload"
+
 
 class InvalidOption(PoolqError, ValueError):
     """A client option (``timeout``, ``call_timeout``, ``ttl``, ``op``, ``block``) has a bad value."""
@@ -40,9 +58,13 @@ class InvalidOption(PoolqError, ValueError):
 class UnknownOperation(PoolqError):
     """The agent has no operation of that name."""
 
+    kind = "unknown_operation"
+
 
 class InvalidArguments(PoolqError):
     """The arguments do not fit the operation's signature."""
+
+    kind = "invalid_arguments"
 
 
 class PoolExhausted(PoolqError):
@@ -56,6 +78,8 @@ class PoolClosed(PoolqError):
 class LeaseLost(PoolqError):
     """The lease ended before the call: its TTL passed, a call timed out, or its agent died."""
 
+    kind = "lease_lost"
+
 
 class PoolqTimeout(PoolqError, TimeoutError):
     """Base class of poolq's timeouts (also a builtin ``TimeoutError``)."""
@@ -64,9 +88,13 @@ class PoolqTimeout(PoolqError, TimeoutError):
 class CheckoutTimeout(PoolqTimeout):
     """No agent took the call within ``timeout``; the call will never run."""
 
+    kind = "checkout_timeout"
+
 
 class CallTimeout(PoolqTimeout):
     """The agent started the call but did not finish within ``call_timeout``."""
+
+    kind = "call_timeout"
 
 
 class ResultTimeout(PoolqTimeout):
@@ -82,6 +110,8 @@ class AgentError(PoolqError):
         remote_traceback: the formatted remote traceback.
     """
 
+    kind = "agent"
+
     def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
         super().__init__(f"{remote_type}: {message}")
         self.remote_type = remote_type
@@ -95,10 +125,16 @@ class AgentError(PoolqError):
 class AgentCrashed(AgentError):
     """The call killed its worker process more times than ``max_deliveries`` allows."""
 
+    kind = "crashed"
+
 
 class AgentUnavailable(PoolqError):
     """The agent could not be set up, so the call was not run."""
 
+    kind = "unavailable"
+
 
 class PoolDegraded(AgentUnavailable):
     """The pool's agents keep failing to set up (circuit breaker open); the call was not sent."""
+
+    kind = "degraded"

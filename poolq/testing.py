@@ -36,7 +36,8 @@ from .client import Client
 from .config import Config, load_config
 from .local.embedded import EmbeddedRedis, free_port
 from .local.procs import child_preexec, stop_process
-from .store import registry
+from .store import keys, registry
+from .store.records import AgentRecord
 
 __all__ = ["PoolFactory", "RunningPool", "WorkerProcess", "app_server", "free_port", "render_config"]
 
@@ -87,7 +88,7 @@ class RunningPool:
     #: Beat and the maintenance worker, when started.
     services: list[WorkerProcess] = field(default_factory=list)
 
-    def agents(self) -> list[dict[str, str]]:
+    def agents(self) -> list[AgentRecord]:
         """The registry's records of this pool's live agents."""
         return registry.snapshot(self.client.state, self.name).agents
 
@@ -110,9 +111,9 @@ class RunningPool:
 
         def ready() -> bool:
             nodes = registry.snapshot(self.client.state, self.name).nodes
-            settled = [a for a in self.agents() if a.get("state") in ("idle", "failed")]
+            settled = [a for a in self.agents() if a.state in ("idle", "failed")]
             mine = {w.node for w in self.workers}
-            return sum(1 for n in nodes if n["id"] in mine and n.get("state") == "ready") == len(self.workers) and len(
+            return sum(1 for n in nodes if n.id in mine and n.state == "ready") == len(self.workers) and len(
                 settled
             ) >= self.size * len(self.workers)
 
@@ -303,14 +304,7 @@ def _purge(client: Client, pool: str) -> None:
     # RabbitMQ: a queue not declared yet holds nothing to purge.
     with client.app.connection_for_write() as connection, contextlib.suppress(amqp.exceptions.NotFound):
         connection.default_channel.queue_purge(client.config.pool(pool).queue)
-    client.state.delete(
-        registry.pool_agents_key(pool),
-        registry.pool_nodes_key(pool),
-        registry.stats_key(pool),
-        registry.scale_events_key(pool),
-        registry.failures_key(pool),
-        f"poolq:pool:{pool}:maintain_lock",
-    )
+    client.state.delete(*keys.pool_keys(pool))
 
 
 @pytest.fixture(scope="session")

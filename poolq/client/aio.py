@@ -33,7 +33,7 @@ import redis
 import redis.asyncio
 
 from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
-from ..store import protocol, registry
+from ..store import keys, protocol
 from ..store.status import PoolStatus
 from . import core
 from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
@@ -59,7 +59,7 @@ class _Mailbox:
     """The reply list of one client in one event loop, and the task that reads it."""
 
     def __init__(self, state: redis.asyncio.Redis) -> None:
-        self.key = f"poolq:mailbox:{uuid.uuid4()}"
+        self.key = keys.mailbox(str(uuid.uuid4()))
         self.state = state
         self.pending: dict[str, asyncio.Future[str]] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -162,7 +162,7 @@ class AsyncClient:
                 owner, *attempts = await state.eval(script, count, *names_and_args)
                 owner = str(owner or "")
                 alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
-                    await state.exists(protocol.agent_key(owner))
+                    await state.exists(keys.agent(owner))
                 )
                 return protocol.ClaimView(owner, int(attempts[0]) if attempts else 0, alive)
             if isinstance(effect, ReadPool):
@@ -176,7 +176,7 @@ class AsyncClient:
                     await pipe.execute()
                 return None
             if isinstance(effect, Alive):
-                return bool(await state.exists(protocol.agent_key(effect.agent_id)))
+                return bool(await state.exists(keys.agent(effect.agent_id)))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
         raise TypeError(f"not an effect: {effect!r}")
@@ -185,7 +185,7 @@ class AsyncClient:
         """The pool's state, read once for all the calls that ask for it at the same time."""
         reading = self._reads.get(pool)
         if reading is None or reading.done():
-            reading = self._reads[pool] = asyncio.ensure_future(state.hgetall(registry.stats_key(pool)))
+            reading = self._reads[pool] = asyncio.ensure_future(state.hgetall(keys.stats(pool)))
         return {str(k): str(v) for k, v in (await asyncio.shield(reading)).items()}
 
     async def aclose(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..config import Config, PoolConfig
 from ..errors import PoolClosed, PoolDegraded, PoolExhausted, PoolqError
-from ..store import protocol, registry
+from ..store import keys, protocol, registry
 from ..store.status import PoolStatus
 from . import options
 from .waiting import CallWait
@@ -253,4 +253,4 @@ def call(gate: Gate, spec: CallSpec, task_id: str, reply_to: str, redelivery: fl
 def cast(gate: Gate, spec: CallSpec, task_id: str) -> Steps[None]:
     """A cast: admitted and sent; its reply is kept under its id (see :class:`poolq.Handle`)."""
     yield from admission(gate, spec)
-    yield Send(spec, task_id, protocol.reply_key(task_id), result=protocol.result_key(task_id))
+    yield Send(spec, task_id, keys.reply(task_id), result=keys.result(task_id))

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ResultTimeout
-from ..store import protocol
+from ..store import keys, protocol
 from . import options
 
 if TYPE_CHECKING:
@@ -53,10 +53,10 @@ class Handle:
         """The state of the call: PENDING (queued), STARTED (an agent runs it), SUCCESS or FAILURE."""
         client = self.client
         with client.translate_errors():
-            stored = client.state.get(protocol.result_key(self.id))
+            stored = client.state.get(keys.result(self.id))
             if stored is not None:
                 return "SUCCESS" if "ok" in json.loads(stored) else "FAILURE"
-            owner = client.state.hget(protocol.claim_key(self.id), "owner")
+            owner = client.state.hget(keys.claim(self.id), "owner")
         if owner == protocol.EXPIRED:
             return "FAILURE"
         return "PENDING" if owner is None else "STARTED"
@@ -65,7 +65,7 @@ class Handle:
         """Whether the call has finished (successfully or not)."""
         client = self.client
         with client.translate_errors():
-            return bool(client.state.exists(protocol.result_key(self.id)))
+            return bool(client.state.exists(keys.result(self.id)))
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait up to ``timeout`` seconds (default: forever) and return the result.
@@ -78,7 +78,7 @@ class Handle:
         timeout = options.seconds("timeout", timeout)
         give_up_at = self._deadline
         until = math.inf if timeout is None else time.monotonic() + timeout
-        key, notify = protocol.result_key(self.id), protocol.reply_key(self.id)
+        key, notify = keys.result(self.id), keys.reply(self.id)
         with client.translate_errors():
             while True:
                 stored = client.scripts.command("GET", key)

@@ -20,7 +20,6 @@ What a lease is and does lives in :class:`LeaseCore` (steps of
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, CheckoutTimeout, LeaseLost, PoolqTimeout
-from ..store import protocol
+from ..store import keys, protocol
 from . import core, options
 from .core import Alive, Inspect, Pop, Push, Send, Steps
 
@@ -58,11 +57,11 @@ class LeaseCore:
 
     @property
     def requests(self) -> str:
-        return protocol.lease_requests_key(self.id)
+        return keys.lease_requests(self.id)
 
     @property
     def replies(self) -> str:
-        return protocol.lease_replies_key(self.id)
+        return keys.lease_replies(self.id)
 
     def acquire_steps(self, gate: core.Gate) -> Steps[None]:
         """Wait up to ``timeout`` for an agent of the pool to take the lease.
@@ -85,12 +84,7 @@ class LeaseCore:
             grant = yield Pop(self.replies, time.monotonic() + protocol.BLOCK_SLICE)
         if grant is None:
             raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
-        document = json.loads(grant)
-        if "ended" in document:
-            raise protocol.error_from({"kind": "unavailable", "type": "", "message": document.get("message", "")})
-        if "granted" not in document:
-            protocol.result_of(document)  # the worker's error reply: raises it
-        self.agent_id, self.agent_name = document["granted"], document["name"]
+        self.agent_id, self.agent_name = protocol.read_lease_grant(grant)
         self._open = True
 
     def call_steps(self, args: tuple[Any, ...], keywords: Mapping[str, Any]) -> Steps[Any]:
@@ -106,17 +100,18 @@ class LeaseCore:
         chosen, kwargs = options.split(keywords)
         limit = options.seconds("call_timeout", chosen.get("call_timeout"), self.pool.call_timeout)
         assert limit is not None
-        request = {"op": options.operation(chosen.get("op")), "args": list(args), "kwargs": kwargs}
+        op = options.operation(chosen.get("op"))
         protocol.check_arguments(self.pool.name, args, kwargs, self.pool.max_payload_bytes)
         self._seq += 1
-        yield Push(self.requests, json.dumps({**request, "seq": self._seq, "call_timeout": limit}), self._list_ttl)
+        request = protocol.LeaseRequest(self._seq, op, list(args), kwargs, limit)
+        yield Push(self.requests, request.encode(), self._list_ttl)
         deadline = time.monotonic() + limit + protocol.CALL_GRACE
         while True:
             raw = yield Pop(self.replies, min(deadline, time.monotonic() + LIVENESS_SLICE))
             if raw is not None:
-                document = json.loads(raw)
-                if document.get("seq", self._seq) == self._seq:  # not a late reply to a call that timed out
-                    return self._reply(document)
+                answered, result = self._read(raw)
+                if answered:
+                    return result
             elif not (yield Alive(self.agent_id)):
                 self._open = False
                 raise LeaseLost(f"the agent {self.agent_name} of lease {self.id} died")
@@ -128,19 +123,18 @@ class LeaseCore:
         """Give the agent back: reset, or recycled when ``broken``. Idempotent."""
         if self._open:
             self._open = False
-            yield Push(self.requests, json.dumps({"release": True, "broken": broken}), self._list_ttl)
+            yield Push(self.requests, protocol.LeaseRequest(release=True, broken=broken).encode(), self._list_ttl)
 
     @property
     def _list_ttl(self) -> int:
         return int(self.ttl) + protocol.REPLY_TTL
 
-    def _reply(self, document: dict[str, Any]) -> Any:
-        if "ended" in document:
-            self._open = False
-            raise LeaseLost(f"lease {self.id} on {self.pool.name!r} ended: {document['ended']}")
-        if document.get("error", {}).get("kind") == "call_timeout":
-            self._open = False  # the agent ends the lease and is recycled
-        return protocol.result_of(document)
+    def _read(self, raw: str) -> tuple[bool, Any]:
+        try:
+            return protocol.read_lease_reply(raw, self._seq, self.id)
+        except (LeaseLost, CallTimeout):
+            self._open = False  # it ended, or a timed-out call ended it (its agent is recycled)
+            raise
 
 
 class Lease(LeaseCore):

@@ -30,7 +30,7 @@ from celery import Celery
 from ..app import create_app, default_app
 from ..config import Config, load_config
 from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
-from ..store import protocol, queues, registry
+from ..store import keys, protocol, queues, registry
 from ..store.status import PoolStatus, read_status
 from . import core, options
 from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
@@ -119,7 +119,7 @@ class Client:
         spec = core.admit(self.config, pool, args, keywords)
         task_id = str(uuid.uuid4())
         redelivery = self.config.redelivery_window
-        return self.run(core.call(self.gate, spec, task_id, protocol.reply_key(task_id), redelivery))
+        return self.run(core.call(self.gate, spec, task_id, keys.reply(task_id), redelivery))
 
     def cast(self, pool: str, /, *args: Any, **keywords: Any) -> Handle:
         """Send a call and return at once with a :class:`Handle` on its result.
@@ -193,9 +193,7 @@ class Client:
             PoolqTimeout: a node is still running after ``timeout`` seconds.
         """
         with self.translate_errors():
-            self.state.hset(
-                registry.stats_key(self.config.pool(pool).name), "closed", time.strftime("%Y-%m-%d %H:%M:%S")
-            )
+            self.state.hset(keys.stats(self.config.pool(pool).name), "closed", time.strftime("%Y-%m-%d %H:%M:%S"))
         self.gate.forget(pool)
         nodes = [node.id for node in self.status(pool).nodes]
         if not nodes:
@@ -252,7 +250,7 @@ class Client:
             if isinstance(effect, Inspect):
                 return self.inspect(effect.task_id, effect.reply_to, effect.result)
             if isinstance(effect, ReadPool):
-                return {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(effect.pool)).items()}
+                return {str(k): str(v) for k, v in self.state.hgetall(keys.stats(effect.pool)).items()}
             if isinstance(effect, ReadStatus):
                 return self.status(effect.pool)
             if isinstance(effect, Push):
@@ -304,7 +302,7 @@ class Client:
             self.scripts, task_id, reply_to=reply_to, result=result, result_ttl=self.config.project.result_expires
         )
         alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
-            self.scripts.command("EXISTS", protocol.agent_key(owner))
+            self.scripts.command("EXISTS", keys.agent(owner))
         )
         return protocol.ClaimView(owner=owner, attempts=attempts, alive=alive)
 

@@ -26,15 +26,10 @@ import redis
 from celery import Celery
 
 from ..config import Config, PoolConfig
-from ..store import protocol, queues, registry
-from ..store.status import as_float
+from ..store import keys, queues, registry
 from . import policy
 
 logger = logging.getLogger("poolq.scaling")
-
-
-def lock_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:maintain_lock"
 
 
 def maintain(
@@ -44,7 +39,7 @@ def maintain(
     pool = config.pool(pool_name)
     now = time.time() if now is None else now
     token = str(uuid.uuid4())
-    if not state.set(lock_key(pool.name), token, nx=True, px=int(pool.maintenance_interval * 800)):
+    if not state.set(keys.maintain_lock(pool.name), token, nx=True, px=int(pool.maintenance_interval * 800)):
         logger.info("maintenance of %s skipped: another run holds the lock", pool.name)
         return None
     in_state = queues.same_redis(config.broker_url, config.state_url)
@@ -61,12 +56,12 @@ def build_view(pool: PoolConfig, snap: registry.Snapshot, waiting: int, now: flo
     stats = snap.stats
     agents = [
         policy.AgentView(
-            id=record["id"],
-            node=record.get("node", ""),
-            state=record.get("state", ""),
-            age_s=max(0.0, now - as_float(record.get("started_at"))),
-            rss_mb=as_float(record.get("rss_mb")),
-            replacing=bool(record.get("replace")),
+            id=record.id,
+            node=record.node,
+            state=record.state,
+            age_s=max(0.0, now - record.started_at),
+            rss_mb=record.rss_mb,
+            replacing=bool(record.replace),
         )
         for record in snap.agents
     ]
@@ -91,7 +86,7 @@ def apply(
     now: float,
 ) -> None:
     """Write the decision to the registry and tell the pool's nodes."""
-    stats = registry.stats_key(pool.name)
+    stats = keys.stats(pool.name)
     pipe = state.pipeline(transaction=False)
     if decision.underused_since is None:
         pipe.hdel(stats, "underused_since")
@@ -110,7 +105,7 @@ def apply(
         )
     for replace in decision.replace:
         # Only while the agent still lives: a late write must not resurrect a record without a TTL.
-        pipe.eval(_MARK, 1, protocol.agent_key(replace.agent_id), replace.reason)
+        pipe.eval(_MARK, 1, keys.agent(replace.agent_id), replace.reason)
         logger.info("pool %s: replace %s (%s)", pool.name, replace.agent_id, replace.reason)
     pipe.execute()
     if decision.scale is not None:
@@ -118,7 +113,7 @@ def apply(
             state, pool.name, decision.scale.direction, view.target, decision.scale.target, decision.scale.reason, now
         )
     if decision.scale is not None or decision.replace:
-        nodes = [node["id"] for node in snap.nodes]
+        nodes = [node.id for node in snap.nodes]
         if nodes:
             app.control.broadcast("poolq_sync", arguments={"pool": pool.name}, destination=nodes)
 
@@ -128,7 +123,7 @@ _MARK = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HSET', KE
 
 def restored_size(state: redis.Redis, pool: PoolConfig) -> int:
     """The base size a node of ``pool`` starts with: the last scaled size, within bounds."""
-    scaled = state.hget(registry.stats_key(pool.name), "scaled_size")
+    scaled = state.hget(keys.stats(pool.name), "scaled_size")
     if not scaled:
         return pool.size
     return min(max(int(scaled), pool.min_size), pool.max_size)

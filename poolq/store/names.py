@@ -18,11 +18,11 @@ from collections.abc import Iterable
 
 import redis
 
-from .protocol import agent_key
+from . import keys
+from .keys import NAMES_ALL as ALL
+from .keys import NAMES_BY_PROCESS as BY_PROCESS
+from .keys import NAMES_FREE as FREE
 
-FREE = "poolq:names:free"
-ALL = "poolq:names:all"
-BY_PROCESS = "poolq:names:by_process"
 #: Names added to the free set at a time.
 CHUNK = 16
 
@@ -58,11 +58,6 @@ def process_key(host: str, pid: int, slot: str = "") -> str:
     return f"{host}:{pid}{slot}"
 
 
-def node_names_key(node: str) -> str:
-    """The names a node's agents had at its last heartbeat: a restarted node takes them again."""
-    return f"poolq:names:node:{node}"
-
-
 def checkout(
     client: redis.Redis, agent_id: str, host: str, pid: int, slot: str = "", prefer: Iterable[str] = ()
 ) -> str:
@@ -87,14 +82,14 @@ def remember(client: redis.Redis, node: str, names: Iterable[str]) -> None:
     if not current:
         return
     pipe = client.pipeline(transaction=True)
-    pipe.delete(node_names_key(node))
-    pipe.sadd(node_names_key(node), *current)
+    pipe.delete(keys.node_names(node))
+    pipe.sadd(keys.node_names(node), *current)
     pipe.execute()
 
 
 def remembered(client: redis.Redis, node: str) -> list[str]:
     """The names a node's agents had at its last heartbeat, sorted."""
-    return sorted(str(name) for name in client.smembers(node_names_key(node)))
+    return sorted(str(name) for name in client.smembers(keys.node_names(node)))
 
 
 def checkin(client: redis.Redis, name: str, host: str, pid: int, slot: str = "") -> None:
@@ -137,7 +132,7 @@ def _reclaim(client: redis.Redis) -> int:
     pipe = client.pipeline(transaction=False)
     owners = [(str(process), str(entry)) for process, entry in entries.items()]
     for _, entry in owners:
-        pipe.exists(agent_key(entry.partition("|")[2]))
+        pipe.exists(keys.agent(entry.partition("|")[2]))
     for (process, entry), alive in zip(owners, pipe.execute(), strict=True):
         if not alive:
             dead.append((process, entry.partition("|")[0]))

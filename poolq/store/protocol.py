@@ -36,12 +36,13 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from .. import errors
+from . import keys
 
 #: Celery message headers poolq adds to a call.
 HEADER_OP = "poolq_op"
@@ -80,16 +81,8 @@ DONE = "done"
 #: A claim's verdict when the worker found the call unclaimed past its deadline.
 TIMED_OUT = "timed_out"
 
-_ERROR_KINDS: dict[str, type[errors.PoolqError]] = {
-    "unknown_operation": errors.UnknownOperation,
-    "invalid_arguments": errors.InvalidArguments,
-    "call_timeout": errors.CallTimeout,
-    "checkout_timeout": errors.CheckoutTimeout,
-    "unavailable": errors.AgentUnavailable,
-    "degraded": errors.PoolDegraded,
-    "invalid_payload": errors.InvalidPayload,
-    "lease_lost": errors.LeaseLost,
-}
+#: The errors a reply can carry, by their kind.
+_ERROR_KINDS = errors.PoolqError.by_kind()
 
 
 #: Pooled connections of one state client (the call path's own are apart, see Scripts).
@@ -111,32 +104,6 @@ def connect(url: str) -> redis.Redis:
         socket_keepalive=True,
     )
     return redis.Redis(connection_pool=pool)
-
-
-def reply_key(task_id: str) -> str:
-    return f"poolq:reply:{task_id}"
-
-
-def result_key(task_id: str) -> str:
-    return f"poolq:result:{task_id}"
-
-
-def claim_key(task_id: str) -> str:
-    return f"poolq:claim:{task_id}"
-
-
-def agent_key(agent_id: str) -> str:
-    return f"poolq:agent:{agent_id}"
-
-
-def lease_requests_key(lease_id: str) -> str:
-    """Where the lease's client pushes requests and the agent pops them."""
-    return f"poolq:lease:{lease_id}:requests"
-
-
-def lease_replies_key(lease_id: str) -> str:
-    """Where the agent pushes the grant, the replies, and the end of the lease."""
-    return f"poolq:lease:{lease_id}:replies"
 
 
 # KEYS: claim, agent.  ARGV: owner, claim ttl, now, task id, deadline ('' for none).
@@ -375,7 +342,7 @@ def claim(
     """Claim ``task_id`` for ``owner``; say who holds it otherwise (``expired`` past an unclaimed deadline)."""
     verdict, attempts = scripts.run(
         _CLAIM,
-        keys=[claim_key(task_id), agent_key(agent_id)],
+        keys=[keys.claim(task_id), keys.agent(agent_id)],
         args=[owner, CLAIM_TTL, now, task_id, "" if deadline is None else repr(deadline)],
     )
     # Our own name: a retried claim whose first answer was lost on the way.
@@ -389,7 +356,7 @@ def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent
     return int(
         scripts.run(
             _TAKEOVER,
-            keys=[claim_key(task_id), agent_key(agent_id)],
+            keys=[keys.claim(task_id), keys.agent(agent_id)],
             args=[owner, dead_owner, CLAIM_TTL, now, task_id],
         )
     )
@@ -398,9 +365,9 @@ def take_over(scripts: Scripts, task_id: str, owner: str, dead_owner: str, agent
 def give_up_command(task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0) -> list[Any]:
     """The EVAL arguments of a caller's give-up (see :func:`give_up`), for any Redis client."""
     expired = errors.CheckoutTimeout(f"no agent took call {task_id} before its deadline; it will not run")
-    keys = [claim_key(task_id), reply_to, result]
-    args = [CLAIM_TTL, encode_error(task_id, "checkout_timeout", expired, ""), REPLY_TTL, result_ttl or REPLY_TTL]
-    return [_GIVE_UP, len(keys), *keys, *args]
+    names = [keys.claim(task_id), reply_to, result]
+    args = [CLAIM_TTL, encode_error(task_id, expired, ""), REPLY_TTL, result_ttl or REPLY_TTL]
+    return [_GIVE_UP, len(names), *names, *args]
 
 
 def give_up(
@@ -437,12 +404,12 @@ def finish(
     restart) is tried again until then, so a call that finished during the
     outage still reaches its caller.
     """
-    keys = [reply_to or reply_key(task_id), claim_key(task_id), agent_key(agent_id) if agent_id else "", stats_key]
+    names = [reply_to or keys.reply(task_id), keys.claim(task_id), keys.agent(agent_id) if agent_id else "", stats_key]
     args = [reply, REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state, result_ttl or REPLY_TTL]
     if retry_until is None:
-        scripts.run(_FINISH, keys=[*keys, result], args=args)
+        scripts.run(_FINISH, keys=[*names, result], args=args)
     else:
-        scripts.run_until(retry_until, _FINISH, keys=[*keys, result], args=args)
+        scripts.run_until(retry_until, _FINISH, keys=[*names, result], args=args)
 
 
 def nesting(value: Any, limit: int = MAX_NESTING) -> int:
@@ -502,8 +469,12 @@ def encode_result(task_id: str, result: Any) -> str:
     return json.dumps({"id": task_id, "ok": result}, allow_nan=False, separators=(",", ":"))
 
 
-def encode_error(task_id: str, kind: str, exc: BaseException, remote_traceback: str | None = None) -> str:
-    """The reply for a failed call, with the remote type and traceback as text."""
+def encode_error(task_id: str, exc: BaseException, remote_traceback: str | None = None) -> str:
+    """The reply for a failed call: the error's kind (any exception but poolq's is the agent's), type and traceback.
+
+    ``remote_traceback``: the traceback to send; None formats ``exc``'s own.
+    """
+    kind = exc.kind if isinstance(exc, errors.PoolqError) and exc.kind else "agent"
     remote_type = type(exc).__qualname__
     module = type(exc).__module__
     message = str(exc)
@@ -532,12 +503,88 @@ def result_of(document: dict[str, Any]) -> Any:
 
 def error_from(error: dict[str, str]) -> errors.PoolqError:
     """The client-side exception for a reply's error document."""
-    cls = _ERROR_KINDS.get(error["kind"])
-    if cls is not None:
-        return cls(error["message"])
-    if error["kind"] == "crashed":
-        return errors.AgentCrashed(error["type"], error["message"], error.get("traceback", ""))
-    return errors.AgentError(error["type"], error["message"], error.get("traceback", ""))
+    cls = _ERROR_KINDS.get(error["kind"], errors.AgentError)
+    if issubclass(cls, errors.AgentError):
+        return cls(error["type"], error["message"], error.get("traceback", ""))
+    return cls(error["message"])
+
+
+# -- leases: what the client and the agent say on the lease's two lists -------
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    """One message on a lease's request list (client to agent): a call, or the release."""
+
+    seq: int = 0
+    op: str | None = None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    call_timeout: float = 0.0
+    release: bool = False
+    broken: bool = False
+
+    def encode(self) -> str:
+        if self.release:
+            return json.dumps({"release": True, "broken": self.broken})
+        call = {"seq": self.seq, "op": self.op, "args": self.args, "kwargs": self.kwargs}
+        return json.dumps({**call, "call_timeout": self.call_timeout})
+
+    @classmethod
+    def decode(cls, raw: str) -> LeaseRequest:
+        message = json.loads(raw)
+        if "release" in message:
+            return cls(release=True, broken=bool(message.get("broken")))
+        return cls(
+            seq=int(message["seq"]),
+            op=message.get("op"),
+            args=list(message.get("args", [])),
+            kwargs=dict(message.get("kwargs", {})),
+            call_timeout=float(message.get("call_timeout") or 0),
+        )
+
+
+def lease_grant(agent_id: str, name: str) -> str:
+    """The agent's first message on the reply list: it serves the lease."""
+    return json.dumps({"granted": agent_id, "name": name})
+
+
+def lease_ended(reason: str, message: str = "") -> str:
+    """The agent's last message on the reply list: the lease ended (it could not start, or a call broke it)."""
+    return json.dumps({"ended": reason, "message": message})
+
+
+def lease_reply(seq: int, reply: str) -> str:
+    """The reply to lease call ``seq`` (a call's reply, numbered)."""
+    return json.dumps({**json.loads(reply), "seq": seq})
+
+
+def read_lease_grant(raw: str) -> tuple[str, str]:
+    """The (agent id, name) that took the lease.
+
+    Raises:
+        AgentUnavailable: the agent could not be set up; or the worker's error reply.
+    """
+    document = json.loads(raw)
+    if "ended" in document:
+        raise errors.AgentUnavailable(document.get("message", "") or document["ended"])
+    if "granted" not in document:
+        result_of(document)  # the worker's error reply: raises it
+    return str(document["granted"]), str(document["name"])
+
+
+def read_lease_reply(raw: str, seq: int, lease_id: str) -> tuple[bool, Any]:
+    """Read a message of the reply list: (False, None) when it answers an earlier call, else (True, result).
+
+    Raises:
+        LeaseLost: the lease ended; the error the reply carries.
+    """
+    document = json.loads(raw)
+    if "ended" in document:
+        raise errors.LeaseLost(f"lease {lease_id} ended: {document['ended']}")
+    if document.get("seq", seq) != seq:
+        return False, None  # a late reply to an earlier call that timed out
+    return True, result_of(document)
 
 
 def deadline_after(seconds: float | None) -> float | None:

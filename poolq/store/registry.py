@@ -21,7 +21,8 @@ from typing import Any
 
 import redis
 
-from .protocol import agent_key
+from . import keys
+from .records import AgentRecord, NodeRecord
 
 #: Seconds between two heartbeats of a live agent process.
 HEARTBEAT_INTERVAL = 2.0
@@ -32,7 +33,8 @@ HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL
 HEARTBEAT_STALE = 2 * HEARTBEAT_INTERVAL
 
 # KEYS: agents set, nodes set, stats hash, queue list ('' when the queue lives
-# elsewhere).  Returns {agents, nodes, stats, queue length}: every record of a
+# elsewhere).  ARGV: the prefixes of agent and node records (keys.py).
+# Returns {agents, nodes, stats, queue length, server time}: every record of a
 # pool in one round trip whatever the number of agents, pruning the ids whose
 # heartbeat lapsed.
 _SNAPSHOT = """
@@ -52,32 +54,12 @@ end
 local waiting = -1
 if KEYS[4] ~= '' then waiting = redis.call('LLEN', KEYS[4]) end
 local t = redis.call('TIME')
-return {records(KEYS[1], 'poolq:agent:'), records(KEYS[2], 'poolq:node:'), redis.call('HGETALL', KEYS[3]), waiting,
+return {records(KEYS[1], ARGV[1]), records(KEYS[2], ARGV[2]), redis.call('HGETALL', KEYS[3]), waiting,
         t[1] .. '.' .. string.format('%06d', t[2])}
 """
 
 
 logger = logging.getLogger("poolq.store")
-
-
-def pool_agents_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:agents"
-
-
-def pool_nodes_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:nodes"
-
-
-def node_key(node: str) -> str:
-    return f"poolq:node:{node}"
-
-
-def stats_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:stats"
-
-
-def scale_events_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:scale_events"
 
 
 #: Scale events kept per pool (newest first).
@@ -88,7 +70,7 @@ def count(client: redis.Redis, pool: str, **increments: int) -> None:
     """Add to the pool's counters (requests, recycles, spawned, terminated, ...)."""
     pipe = client.pipeline(transaction=False)
     for name, amount in increments.items():
-        pipe.hincrby(stats_key(pool), name, amount)
+        pipe.hincrby(keys.stats(pool), name, amount)
     pipe.execute()
 
 
@@ -98,26 +80,26 @@ def record_scale(
     """Record a scale event (up or down) in the pool's counters and its event list."""
     event = {"at": now, "direction": direction, "from": before, "to": after, "reason": reason, "node": node}
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(stats_key(pool), f"scale_{direction}s", 1)
-    pipe.hset(stats_key(pool), mapping={f"last_scale_{k}": _flat(v) for k, v in event.items()})
-    pipe.lpush(scale_events_key(pool), json.dumps(event))
-    pipe.ltrim(scale_events_key(pool), 0, SCALE_EVENTS_KEPT - 1)
+    pipe.hincrby(keys.stats(pool), f"scale_{direction}s", 1)
+    pipe.hset(keys.stats(pool), mapping={f"last_scale_{k}": _flat(v) for k, v in event.items()})
+    pipe.lpush(keys.scale_events(pool), json.dumps(event))
+    pipe.ltrim(keys.scale_events(pool), 0, SCALE_EVENTS_KEPT - 1)
     pipe.execute()
 
 
 def scale_events(client: redis.Redis, pool: str) -> list[dict[str, Any]]:
     """The pool's recent scale events, newest first."""
-    return [json.loads(raw) for raw in client.lrange(scale_events_key(pool), 0, -1)]
+    return [json.loads(raw) for raw in client.lrange(keys.scale_events(pool), 0, -1)]
 
 
 def publish(client: redis.Redis, pool: str, agent_id: str, fields: Mapping[str, Any]) -> None:
     """Write an agent's whole record and (re)start its heartbeat TTL."""
-    _publish(client, agent_key(agent_id), pool_agents_key(pool), agent_id, fields)
+    _publish(client, keys.agent(agent_id), keys.pool_agents(pool), agent_id, fields)
 
 
 def publish_node(client: redis.Redis, pool: str, node: str, fields: Mapping[str, Any]) -> None:
     """Write a worker node's record (its main process) and (re)start its TTL."""
-    _publish(client, node_key(node), pool_nodes_key(pool), node, fields)
+    _publish(client, keys.node(node), keys.pool_nodes(pool), node, fields)
 
 
 def _publish(client: redis.Redis, key: str, members: str, member: str, fields: Mapping[str, Any]) -> None:
@@ -130,12 +112,12 @@ def _publish(client: redis.Redis, key: str, members: str, member: str, fields: M
 
 def remove(client: redis.Redis, pool: str, agent_id: str) -> None:
     """Drop an agent that stopped."""
-    _remove(client, agent_key(agent_id), pool_agents_key(pool), agent_id)
+    _remove(client, keys.agent(agent_id), keys.pool_agents(pool), agent_id)
 
 
 def remove_node(client: redis.Redis, pool: str, node: str) -> None:
     """Drop a worker node that stopped."""
-    _remove(client, node_key(node), pool_nodes_key(pool), node)
+    _remove(client, keys.node(node), keys.pool_nodes(pool), node)
 
 
 def _remove(client: redis.Redis, key: str, members: str, member: str) -> None:
@@ -149,8 +131,8 @@ def _remove(client: redis.Redis, key: str, members: str, member: str) -> None:
 class Snapshot:
     """Every registry record of one pool, read at one instant."""
 
-    agents: list[dict[str, str]]
-    nodes: list[dict[str, str]]
+    agents: list[AgentRecord]
+    nodes: list[NodeRecord]
     stats: dict[str, str]
     #: Calls in the pool's queue, or None when the queue is not in this Redis.
     waiting: int | None
@@ -161,11 +143,18 @@ class Snapshot:
 def snapshot(client: redis.Redis, pool: str, queue: str = "") -> Snapshot:
     """Read the pool's agents, nodes and counters (and ``queue``'s length, if given) in one round trip."""
     agents, nodes, stats, waiting, server_time = client.eval(
-        _SNAPSHOT, 4, pool_agents_key(pool), pool_nodes_key(pool), stats_key(pool), queue
+        _SNAPSHOT,
+        4,
+        keys.pool_agents(pool),
+        keys.pool_nodes(pool),
+        keys.stats(pool),
+        queue,
+        keys.AGENT_PREFIX,
+        keys.NODE_PREFIX,
     )
     return Snapshot(
-        agents=[{**_pairs(fields), "id": str(id_)} for id_, fields in _records(agents)],
-        nodes=[{**_pairs(fields), "id": str(id_)} for id_, fields in _records(nodes)],
+        agents=[AgentRecord.parse(str(id_), _pairs(fields)) for id_, fields in _records(agents)],
+        nodes=[NodeRecord.parse(str(id_), _pairs(fields)) for id_, fields in _records(nodes)],
         stats=_pairs(stats),
         waiting=None if int(waiting) < 0 else int(waiting),
         server_time=float(server_time),
@@ -270,24 +259,22 @@ return 0
 """
 
 
-def failures_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:setup_failures"
-
-
 def setup_failed(
     client: redis.Redis, pool: str, error: str, now: float, window: float, threshold: int, reset: float, member: str
 ) -> bool:
     """Count a failed setup; True when the pool's circuit breaker is (now) open."""
     return bool(
-        client.eval(_SETUP_FAILED, 2, failures_key(pool), stats_key(pool), now, window, threshold, reset, error, member)
+        client.eval(
+            _SETUP_FAILED, 2, keys.setup_failures(pool), keys.stats(pool), now, window, threshold, reset, error, member
+        )
     )
 
 
 def setup_succeeded(client: redis.Redis, pool: str) -> None:
     """A setup worked: close the breaker and forget the failures."""
     pipe = client.pipeline(transaction=False)
-    pipe.hset(stats_key(pool), "breaker", "closed")
-    pipe.delete(failures_key(pool))
+    pipe.hset(keys.stats(pool), "breaker", "closed")
+    pipe.delete(keys.setup_failures(pool))
     pipe.execute()
 
 
@@ -298,7 +285,7 @@ def breaker_open(stats: Mapping[str, str], now: float) -> bool:
 
 def is_alive(client: redis.Redis, agent_id: str) -> bool:
     """Whether an agent's heartbeat is current."""
-    return bool(client.exists(agent_key(agent_id)))
+    return bool(client.exists(keys.agent(agent_id)))
 
 
 def _flat(value: Any) -> str | int | float:

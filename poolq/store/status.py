@@ -17,7 +17,6 @@ died (a killed node), and it counts as neither available nor in use.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,9 +25,8 @@ import redis
 
 from ..config import PoolConfig
 from . import registry
+from .records import IN_USE, SERVING, AgentRecord, NodeRecord
 
-IN_USE = ("busy", "leased")
-SERVING = ("idle", "busy", "leased")
 COUNTERS = ("requests", "recycles", "spawned", "terminated", "scale_ups", "scale_downs")
 
 
@@ -112,8 +110,8 @@ def read_status(state: redis.Redis, pool: PoolConfig, waiting: int | None = None
 
 def summarize(
     pool: PoolConfig,
-    agents: list[dict[str, str]],
-    nodes: list[dict[str, str]],
+    agents: list[AgentRecord],
+    nodes: list[NodeRecord],
     stats: dict[str, str],
     waiting: int,
     now: float,
@@ -125,13 +123,13 @@ def summarize(
     """
     node_infos = [
         NodeInfo(
-            id=n["id"],
-            state=n.get("state", ""),
-            host=n.get("host", ""),
-            pid=_int(n.get("pid")),
-            size=_int(n.get("size"), pool.size),
-            max_overflow=_int(n.get("max_overflow"), pool.max_overflow),
-            processes=_int(n.get("processes")),
+            id=n.id,
+            state=n.state,
+            host=n.host,
+            pid=n.pid,
+            size=n.size or pool.size,
+            max_overflow=n.max_overflow if n.size else pool.max_overflow,
+            processes=n.processes,
         )
         for n in nodes
     ]
@@ -180,38 +178,28 @@ def summarize(
     )
 
 
-def _agent(record: dict[str, str], now: float, server_time: float = 0.0) -> AgentInfo:
-    started = as_float(record.get("started_at"))
-    last_used = as_float(record.get("last_used_at"))
-    state = record.get("state", "")
-    beat_at = as_float(record.get("beat_at"))
-    if beat_at and server_time and server_time - beat_at > registry.HEARTBEAT_STALE:
+def _agent(record: AgentRecord, now: float, server_time: float = 0.0) -> AgentInfo:
+    state: str = record.state
+    if record.beat_at and server_time and server_time - record.beat_at > registry.HEARTBEAT_STALE:
         state = "lost"  # its heartbeat stopped: its process is most likely dead
+    started = record.started_at
     return AgentInfo(
-        id=record["id"],
-        name=record.get("name", record["id"]),
+        id=record.id,
+        name=record.name,
         state=state,
-        node=record.get("node", ""),
-        host=record.get("host", ""),
-        pid=_int(record.get("pid")),
-        requests=_int(record.get("requests")),
+        node=record.node,
+        host=record.host,
+        pid=record.pid,
+        requests=record.requests,
         age_s=max(0.0, now - started) if started else 0.0,
-        idle_s=max(0.0, now - (last_used or started)) if state == "idle" else None,
-        error=record.get("error", ""),
-        slot=record.get("slot", ""),
-        recycles=_int(record.get("recycles")),
-        replacing=record.get("replace", ""),
-        degraded=record.get("degraded", ""),
-        history=[(float(t), str(s)) for t, s in _json_list(record.get("history"))],
+        idle_s=max(0.0, now - (record.last_used_at or started)) if state == "idle" else None,
+        error=record.error,
+        slot=record.slot,
+        recycles=record.recycles,
+        replacing=record.replace,
+        degraded=record.degraded,
+        history=record.history,
     )
-
-
-def _json_list(value: str | None) -> list[Any]:
-    try:
-        loaded = json.loads(value) if value else []
-    except ValueError:
-        return []
-    return loaded if isinstance(loaded, list) else []
 
 
 def _int(value: str | None, default: int = 0) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from ..config import PoolConfig
-from ..store import names, registry
+from ..store import keys, names, registry
 
 logger = logging.getLogger("poolq.worker")
 
@@ -39,7 +39,7 @@ class NodeBeacon:
             "worker_pool": pool_type,
             "started_at": time.time(),
         }
-        key = registry.node_key(node)
+        key = keys.node(node)
         self.heartbeat = registry.Heartbeat(
             self.state, keys=lambda: [key], republish=lambda _: self.publish(), after=self._after
         )
@@ -48,7 +48,7 @@ class NodeBeacon:
         self.publish()
         try:
             # A node that starts reopens a pool stopped on purpose (poolq stop).
-            self.state.hdel(registry.stats_key(self.pool.name), "closed")
+            self.state.hdel(keys.stats(self.pool.name), "closed")
         except redis.RedisError:
             logger.warning("could not reopen pool %s", self.pool.name)
         self.heartbeat.start()
@@ -82,7 +82,7 @@ class NodeBeacon:
     def remember_names(self) -> None:
         """Record the names of this node's live agents: a restart of the node takes them back."""
         agents = registry.snapshot(self.state, self.pool.name).agents
-        names.remember(self.state, self.node, [a["name"] for a in agents if a.get("node") == self.node and "name" in a])
+        names.remember(self.state, self.node, [a.name for a in agents if a.node == self.node])
 
     def _after(self) -> None:
         # A failure needs no word here: the heartbeat already says the registry is unreachable.

@@ -34,7 +34,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
 from ..errors import InvalidPayload
-from ..store import protocol, registry
+from ..store import keys, protocol
 from .runtime import owner_alive
 
 logger = logging.getLogger("poolq.worker")
@@ -125,11 +125,11 @@ class Guard:
         headers = message.headers or {}
         task_id = str(headers.get("id", ""))
         logger.error("refusing call %s: %s", task_id, problem)
-        error = protocol.encode_error(task_id, "invalid_payload", InvalidPayload(f"call {task_id}: {problem}"), "")
+        error = protocol.encode_error(task_id, InvalidPayload(f"call {task_id}: {problem}"), "")
         try:
-            reply_to = str(headers.get(protocol.HEADER_REPLY) or protocol.reply_key(task_id))
+            reply_to = str(headers.get(protocol.HEADER_REPLY) or keys.reply(task_id))
             protocol.finish(
-                self.scripts, task_id, error, reply_to, "", registry.stats_key(self.pool), 0, False, 0.0,
+                self.scripts, task_id, error, reply_to, "", keys.stats(self.pool), 0, False, 0.0,
                 result=str(headers.get(protocol.HEADER_RESULT) or ""), retry_until=None,
             )  # fmt: skip
         except redis.RedisError:
@@ -140,7 +140,7 @@ class Guard:
         """What to do with a redelivered copy, from its call's claim."""
         task_id = str((message.headers or {}).get("id", ""))
         try:
-            owner = self.state.hget(protocol.claim_key(task_id), "owner")
+            owner = self.state.hget(keys.claim(task_id), "owner")
         except redis.RedisError:
             return RUN  # the agent's own claim decides (and waits out the outage)
         if owner is None:

@@ -45,8 +45,7 @@ from ..agent import Agent
 from ..config import PoolConfig
 from ..errors import AgentUnavailable, ConfigError
 from ..scaling.policy import jittered
-from ..store import names, registry
-from ..store.protocol import agent_key
+from ..store import keys, names, registry
 from . import limits
 
 logger = logging.getLogger("poolq.worker")
@@ -86,10 +85,6 @@ def rss_mb() -> float:
     the peak, which never falls, and a forked child inherits its parent's.
     """
     return float(psutil.Process().memory_info().rss) / 2**20
-
-
-def _turn_key(pool: str) -> str:
-    return f"poolq:pool:{pool}:recycle_turn"
 
 
 # KEYS: turn.  ARGV: holder.  Gives the turn back only if this agent holds it.
@@ -193,7 +188,7 @@ class AgentHost:
         self.cpu = CpuWindow(pool.cpu_window) if pool.max_cpu_percent is not None else None
         self._free: deque[AgentSlot] = deque()
         self._cond = threading.Condition()
-        by_key = {agent_key(slot.agent_id): slot for slot in self.slots}
+        by_key = {keys.agent(slot.agent_id): slot for slot in self.slots}
         self._heartbeat = registry.Heartbeat(
             state,
             keys=by_key.keys,
@@ -383,14 +378,16 @@ class AgentHost:
         """The pool-wide turn to recycle in place: one agent of the pool out of service at a time."""
         try:
             return bool(
-                self.state.set(_turn_key(self.pool.name), slot.agent_id, nx=True, px=int(RECYCLE_TURN_MAX * 1000))
+                self.state.set(
+                    keys.recycle_turn(self.pool.name), slot.agent_id, nx=True, px=int(RECYCLE_TURN_MAX * 1000)
+                )
             )
         except redis.RedisError:
             return True  # cannot coordinate: recycle (the limit was reached)
 
     def _give_recycle_turn(self, slot: AgentSlot) -> None:
         with contextlib.suppress(redis.RedisError):
-            self.state.eval(_GIVE_TURN, 1, _turn_key(self.pool.name), slot.agent_id)
+            self.state.eval(_GIVE_TURN, 1, keys.recycle_turn(self.pool.name), slot.agent_id)
 
     def _beat_fields(self) -> dict[str, Any]:
         if self.cpu is not None:
@@ -453,7 +450,7 @@ class AgentHost:
     def _breaker_hold(self) -> tuple[float, str]:
         """Seconds until the pool's open breaker lets setups try again (0 when closed), and its error."""
         try:
-            stats = {str(k): str(v) for k, v in self.state.hgetall(registry.stats_key(self.pool.name)).items()}
+            stats = {str(k): str(v) for k, v in self.state.hgetall(keys.stats(self.pool.name)).items()}
         except redis.RedisError:
             return 0.0, ""
         now = time.time()
@@ -540,7 +537,7 @@ class AgentHost:
     def _mark_for_replacement(self, slot: AgentSlot, reason: str) -> None:
         self._publish(slot)
         try:
-            self.state.hset(agent_key(slot.agent_id), "replace", reason)
+            self.state.hset(keys.agent(slot.agent_id), "replace", reason)
         except redis.RedisError:
             logger.warning("could not mark %s for replacement", slot.name, exc_info=True)
 

@@ -12,7 +12,6 @@ back to the pool.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -20,26 +19,24 @@ from typing import Any
 import redis
 
 from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
-from ..store import protocol, registry
+from ..store import keys, protocol, registry
 from . import limits
 from .host import AgentSlot
 
 logger = logging.getLogger("poolq.worker")
 
-_KINDS = {UnknownOperation: "unknown_operation", InvalidArguments: "invalid_arguments"}
-
 
 def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str, bool]:
     """Serve the lease until it ends; how it ended, and whether the agent must be recycled."""
     state: redis.Redis = runtime.state
-    requests, replies = protocol.lease_requests_key(lease_id), protocol.lease_replies_key(lease_id)
+    requests, replies = keys.lease_requests(lease_id), keys.lease_replies(lease_id)
     try:
         agent = runtime.host.ensure_ready(slot)
     except AgentUnavailable as exc:
-        _push(state, replies, ttl, {"ended": "unavailable", "message": str(exc)})
+        _push(state, replies, ttl, protocol.lease_ended("unavailable", str(exc)))
         return "unavailable", False
     _set_state(state, slot, "leased", lease_id)
-    _push(state, replies, ttl, {"granted": slot.agent_id, "name": slot.name})
+    _push(state, replies, ttl, protocol.lease_grant(slot.agent_id, slot.name))
     logger.info("agent %s leased (%s)", slot.name, lease_id)
     ended, broken, served = "expired", True, slot.requests
     try:
@@ -47,15 +44,15 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
             raw = runtime.scripts.pop(requests, time.monotonic() + ttl)
             if raw is None:
                 break  # the client sent nothing for ttl seconds: it is gone
-            request = json.loads(raw)
-            if "release" in request:
-                ended, broken = "released", bool(request.get("broken"))
+            request = protocol.LeaseRequest.decode(raw)
+            if request.release:
+                ended, broken = "released", request.broken
                 break
             reply, outcome = _run(runtime, slot, agent, request, lease_id, ttl)
-            _push(state, replies, ttl, reply)
+            _push(state, replies, ttl, protocol.lease_reply(request.seq, reply))
             if outcome is not None:
                 ended, broken = outcome, True
-                _push(state, replies, ttl, {"ended": outcome})
+                _push(state, replies, ttl, protocol.lease_ended(outcome))
                 break
     finally:
         state.delete(requests)
@@ -64,39 +61,37 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
 
 
 def _run(
-    runtime: Any, slot: AgentSlot, agent: Any, request: dict[str, Any], lease_id: str, ttl: float
-) -> tuple[dict[str, Any], str | None]:
-    """Run one request; the reply, and why the lease must end (or None)."""
-    seq = request["seq"]
+    runtime: Any, slot: AgentSlot, agent: Any, request: protocol.LeaseRequest, lease_id: str, ttl: float
+) -> tuple[str, str | None]:
+    """Run one request; its reply, and why the lease must end (or None)."""
     try:
-        operation = agent.bind(request.get("op"), request.get("args", []), request.get("kwargs", {}))
+        operation = agent.bind(request.op, request.args, request.kwargs)
     except (UnknownOperation, InvalidArguments) as exc:
-        return {"seq": seq, **_error(_KINDS[type(exc)], exc, "")}, None
+        return protocol.encode_error("", exc, ""), None
     slot.requests += 1
     slot.last_used_at = time.time()
-    timeout = CallTimeout(f"lease call {seq} ({request.get('op') or 'handle'}) ran past its call_timeout")
-    replies = protocol.lease_replies_key(lease_id)
+    timeout = CallTimeout(f"lease call {request.seq} ({request.op or 'handle'}) ran past its call_timeout")
+    replies = keys.lease_replies(lease_id)
 
     def report_stuck() -> None:
         # From the watchdog, just before it ends this process.
-        _push(runtime.state, replies, ttl, {"seq": seq, **_error("call_timeout", timeout, "")})
+        _push(runtime.state, replies, ttl, protocol.lease_reply(request.seq, protocol.encode_error("", timeout, "")))
 
     try:
         with limits.limit(
-            float(request.get("call_timeout") or 0),
+            request.call_timeout,
             limits.CallDeadline,
             report_stuck,
-            f"lease call {seq} of {lease_id}",
+            f"lease call {request.seq} of {lease_id}",
             hard=runtime.hard_limits,
         ):
             result = operation()
-        protocol.encode_result("", result)
+        return protocol.encode_result("", result), None
     except limits.CallDeadline:
-        return {"seq": seq, **_error("call_timeout", timeout, "")}, "call_timeout"
+        return protocol.encode_error("", timeout, ""), "call_timeout"
     except Exception as exc:
         healthy = runtime.host.healthy(slot)
-        return {"seq": seq, **_error("agent", exc, None)}, None if healthy else "unhealthy"
-    return {"seq": seq, "ok": result}, None
+        return protocol.encode_error("", exc, None), None if healthy else "unhealthy"
 
 
 def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:
@@ -115,19 +110,15 @@ def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:
     logger.info("lease of agent %s ended: %s", slot.name, ended)
 
 
-def _error(kind: str, exc: BaseException, tb: str | None) -> dict[str, Any]:
-    return dict(json.loads(protocol.encode_error("", kind, exc, tb)))
-
-
-def _push(state: redis.Redis, key: str, ttl: float, document: dict[str, Any]) -> None:
+def _push(state: redis.Redis, key: str, ttl: float, message: str) -> None:
     pipe = state.pipeline(transaction=False)
-    pipe.rpush(key, json.dumps(document))
+    pipe.rpush(key, message)
     pipe.expire(key, int(ttl) + protocol.REPLY_TTL)
     pipe.execute()
 
 
 def _set_state(state: redis.Redis, slot: AgentSlot, value: str, lease_id: str) -> None:
     slot.state = value
-    key = protocol.agent_key(slot.agent_id)
+    key = keys.agent(slot.agent_id)
     if state.exists(key):
         state.hset(key, mapping={"state": value, "lease": lease_id, "requests": slot.requests})

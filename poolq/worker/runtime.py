@@ -30,7 +30,7 @@ from ..errors import (
     PoolDegraded,
     UnknownOperation,
 )
-from ..store import protocol, registry
+from ..store import keys, protocol, registry
 from . import lease, limits
 from .host import AgentHost, AgentSlot
 
@@ -120,7 +120,7 @@ class Call:
         return cls(
             task_id=request.id,
             op=header(protocol.HEADER_OP) or None,
-            reply_to=header(protocol.HEADER_REPLY) or protocol.reply_key(request.id),
+            reply_to=header(protocol.HEADER_REPLY) or keys.reply(request.id),
             result=header(protocol.HEADER_RESULT) or "",
             deadline=float(deadline) if deadline else None,
             call_timeout=float(call_timeout) if call_timeout else None,
@@ -156,7 +156,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             # Whatever went wrong, the caller hears it now rather than at its timeout.
             if not getattr(exc, _REPORTED, False):
                 with contextlib.suppress(redis.RedisError):
-                    _fail(runtime, slot, call, "agent", exc, with_traceback=True)
+                    _fail(runtime, slot, call, exc, with_traceback=True)
             raise
 
 
@@ -179,7 +179,7 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
         # Celery's own expiry would drop the message unseen, even a call an agent
         # had started and died on; the claim makes the verdict, atomically.
         expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
-        _fail(runtime, slot, call, "checkout_timeout", expired)
+        _fail(runtime, slot, call, expired)
         raise expired
     if claim.owner in (protocol.EXPIRED, protocol.DONE):
         logger.info("skipping call %s: already %s", call.task_id, claim.owner)
@@ -197,7 +197,7 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
             f"call {call.task_id} killed its worker process {attempts - 1} times; not delivered again "
             f"(max_deliveries = {runtime.pool.max_deliveries})",
         )
-        _fail(runtime, slot, call, "crashed", exc)
+        _fail(runtime, slot, call, exc)
         raise exc
     return attempts
 
@@ -207,18 +207,18 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         agent = runtime.host.ensure_ready(slot)
         operation = agent.bind(call.op, args, kwargs)
     except AgentUnavailable as exc:
-        stats = {str(k): str(v) for k, v in runtime.state.hgetall(registry.stats_key(runtime.pool.name)).items()}
+        stats = {str(k): str(v) for k, v in runtime.state.hgetall(keys.stats(runtime.pool.name)).items()}
         if registry.breaker_open(stats, time.time()):
             degraded = PoolDegraded(f"pool {runtime.pool.name!r} is degraded: {stats.get('breaker_error', exc)}")
-            _fail(runtime, slot, call, "degraded", degraded)
+            _fail(runtime, slot, call, degraded)
             raise degraded from None
-        _fail(runtime, slot, call, "unavailable", exc)
+        _fail(runtime, slot, call, exc)
         raise
     except UnknownOperation as exc:
-        _fail(runtime, slot, call, "unknown_operation", exc)
+        _fail(runtime, slot, call, exc)
         raise
     except InvalidArguments as exc:
-        _fail(runtime, slot, call, "invalid_arguments", exc)
+        _fail(runtime, slot, call, exc)
         raise
 
     slot.requests += 1
@@ -227,7 +227,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
 
     def report_stuck() -> None:
         # From the watchdog, just before it ends this process.
-        _fail(runtime, slot, call, "call_timeout", timeout, ran=True, agent_state="stopped")
+        _fail(runtime, slot, call, timeout, ran=True, agent_state="stopped")
 
     try:
         with limits.limit(
@@ -235,12 +235,12 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         ):
             result = operation()
     except limits.CallDeadline:
-        _fail(runtime, slot, call, "call_timeout", timeout, ran=True, agent_state="recycling")
+        _fail(runtime, slot, call, timeout, ran=True, agent_state="recycling")
         # The agent was interrupted mid-operation: never hand it out again as is.
         runtime.host.recycle(slot, "call timed out")
         raise timeout from None
     except Exception as exc:
-        _fail(runtime, slot, call, "agent", exc, with_traceback=True, ran=True)
+        _fail(runtime, slot, call, exc, with_traceback=True, ran=True)
         # An agent that raised stays in service unless its health says otherwise.
         if not runtime.host.healthy(slot):
             runtime.host.recycle(slot, f"unhealthy after {type(exc).__name__}")
@@ -251,7 +251,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         reply = protocol.encode_result(call.task_id, result)
     except (TypeError, ValueError, RecursionError) as exc:
         error = TypeError(f"{call.op or 'handle'}() returned a value that is not plain JSON: {exc}")
-        _fail(runtime, slot, call, "agent", error, ran=True)
+        _fail(runtime, slot, call, error, ran=True)
         runtime.host.after_call(slot)
         raise error from None
     _finish(runtime, slot, call, reply, ran=True)
@@ -265,13 +265,12 @@ def _fail(
     runtime: Runtime,
     slot: AgentSlot,
     call: Call,
-    kind: str,
     exc: BaseException,
     with_traceback: bool = False,
     ran: bool = False,
     agent_state: str = "idle",
 ) -> None:
-    error = protocol.encode_error(call.task_id, kind, exc, None if with_traceback else "")
+    error = protocol.encode_error(call.task_id, exc, None if with_traceback else "")
     _finish(runtime, slot, call, error, ran, agent_state)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
@@ -284,7 +283,7 @@ def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool
         reply,
         call.reply_to,
         slot.agent_id,
-        registry.stats_key(runtime.pool.name),
+        keys.stats(runtime.pool.name),
         slot.requests,
         ran,
         time.time(),

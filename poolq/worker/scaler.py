@@ -37,8 +37,7 @@ import redis
 from celery.worker import state as worker_state
 
 from ..config import PoolConfig
-from ..store import registry
-from ..store.protocol import agent_key
+from ..store import keys, registry
 
 logger = logging.getLogger("poolq.worker")
 
@@ -221,16 +220,8 @@ class NodeScaler:
                 self.base = base
                 self.on_base(base)
         for record in snap.agents:
-            if record.get("node") == self.node and record.get("replace") and record.get("pid", "").isdigit():
-                self.enqueue(
-                    _Replacement(
-                        int(record["pid"]),
-                        record["id"],
-                        record["replace"],
-                        record.get("slot", ""),
-                        int(record.get("recycles") or 0),
-                    )
-                )
+            if record.node == self.node and record.replace and record.pid:
+                self.enqueue(_Replacement(record.pid, record.id, record.replace, record.slot, record.recycles))
 
     def step(self, now: float) -> None:
         pool = self.worker.pool
@@ -318,7 +309,7 @@ class NodeScaler:
     def _replacement_serves(self, job: _Replacement) -> bool:
         try:
             states = [
-                self.state.hget(agent_key(f"{self.pool.name}@{self.hostname}:{pid}"), "state") for pid in job.new_pids
+                self.state.hget(keys.agent(f"{self.pool.name}@{self.hostname}:{pid}"), "state") for pid in job.new_pids
             ]
         except redis.RedisError:
             return True  # cannot tell: the replacement is up, trust it

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import Celery, bootsteps
+from celery import bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
-from ..app import CONTROL_QUEUE, MAINTAIN_TASK, PROCESS_START_MARGIN
+from ..app import CONTROL_QUEUE, MAINTAIN_TASK
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from ..store import protocol, queues, registry
@@ -106,7 +106,6 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # Fail here, in the main process, on an agent that cannot be imported,
         # instead of in every child (which Celery would respawn forever).
         load_agent_class(pool)
-        worker.app.conf.worker_proc_alive_timeout = pool.setup_timeout + PROCESS_START_MARGIN
         self.node = _node = Node(
             config=config,
             pool=pool,
@@ -178,13 +177,9 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         except redis.RedisError:
             return {}
         agents = {
-            r.get("name", r["id"]): {
-                "pid": int(r.get("pid", 0)),
-                "state": r.get("state"),
-                "requests": r.get("requests"),
-            }
+            r.name: {"pid": r.pid, "state": r.state, "requests": r.requests}
             for r in records
-            if r.get("node") == worker.hostname
+            if r.node == worker.hostname
         }
         return {"poolq": {"pool": node.pool.name, "agents": agents}}
 
@@ -277,8 +272,3 @@ def _on_process_init(sender: Any = None, **_: Any) -> None:
 @worker_process_shutdown.connect
 def _on_process_shutdown(**_: Any) -> None:
     runtime.uninstall()
-
-
-def install_worker_step(app: Celery) -> None:
-    """Add the poolq bootstep to ``app``'s workers."""
-    app.steps["worker"].add(AgentStep)

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from poolq import AsyncClient, BrokerUnavailable, Client, PoolClosed, PoolDegraded, load_config
-from poolq.store import registry
+from poolq.store import keys
 from poolq.testing import render_config
 
 
@@ -28,10 +28,10 @@ def client(tmp_path: Path, poolq_broker: str, state: redis.Redis) -> Iterator[Cl
     """A client of pool ``p``, with no node running: every refusal here comes before any agent."""
     path = tmp_path / "pools.toml"
     path.write_text(render_config("p", {"agent": "tests.agents:Probe"}))
-    state.delete(registry.stats_key("p"))
+    state.delete(keys.stats("p"))
     client = Client(load_config(path, env={"POOLQ_BROKER_URL": poolq_broker}))
     yield client
-    state.delete(registry.stats_key("p"))
+    state.delete(keys.stats("p"))
     client.close()
 
 
@@ -66,7 +66,7 @@ def _sync_and_async(client: Client) -> list[tuple[str, Callable[[], Any]]]:
 
 
 def test_a_closed_pool_refuses_every_entry_point_at_once(client: Client, state: redis.Redis) -> None:
-    state.hset(registry.stats_key("p"), "closed", "now")
+    state.hset(keys.stats("p"), "closed", "now")
     for name, attempt in _sync_and_async(client):
         client.gate.forget("p")
         started = time.monotonic()
@@ -77,7 +77,7 @@ def test_a_closed_pool_refuses_every_entry_point_at_once(client: Client, state: 
 
 def test_a_degraded_pool_refuses_every_entry_point_at_once(client: Client, state: redis.Redis) -> None:
     state.hset(
-        registry.stats_key("p"),
+        keys.stats("p"),
         mapping={"breaker": "open", "breaker_until": time.time() + 60, "breaker_error": "boom"},
     )
     for name, attempt in _sync_and_async(client):
@@ -101,7 +101,7 @@ def test_a_lost_state_redis_is_broker_unavailable_for_every_entry_point(tmp_path
 
 def test_acall_never_blocks_its_event_loop_on_redis(client: Client, state: redis.Redis) -> None:
     # Given a closed pool (so the call stops after its admission, which reads the pool's state)
-    state.hset(registry.stats_key("p"), "closed", "now")
+    state.hset(keys.stats("p"), "closed", "now")
     loop_threads: set[int] = set()
     original = redis.Redis.execute_command
 

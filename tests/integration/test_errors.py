@@ -81,4 +81,4 @@ def test_unknown_pool(pool: RunningPool) -> None:
 def test_the_worker_still_serves_after_every_error(pool: RunningPool) -> None:
     assert pool.client.call("errors", 2, 3, op="add") == 5
     assert all(worker.process.poll() is None for worker in pool.workers)
-    assert [a["state"] for a in pool.agents()] == ["idle"]
+    assert [a.state for a in pool.agents()] == ["idle"]

@@ -17,8 +17,8 @@ def test_agents_are_warm_before_the_first_call(poolq_pools: PoolFactory, poolq_b
     pool = poolq_pools.start("warmfirst", "tests.agents:Probe", size=2, options={"redis_url": poolq_broker})
     # Nothing was sent yet, and both agents are set up and idle
     assert len(events(state, "warmfirst", "setup")) == 2
-    assert sorted(a["state"] for a in pool.agents()) == ["idle", "idle"]
-    assert all(a["requests"] == "0" for a in pool.agents())
+    assert sorted(a.state for a in pool.agents()) == ["idle", "idle"]
+    assert all(a.requests == 0 for a in pool.agents())
 
 
 def test_setup_longer_than_celerys_process_start_timeout(
@@ -86,8 +86,8 @@ def test_failed_setup_keeps_the_process_and_fails_calls_fast(
         "badsetup", "tests.agents:Probe", size=1, options={"redis_url": poolq_broker, "fail_setup": True}
     )
     [agent] = pool.agents()
-    assert agent["state"] == "failed"
-    assert "setup failed on purpose" in agent["error"]
+    assert agent.state == "failed"
+    assert "setup failed on purpose" in agent.error
     with pytest.raises(AgentUnavailable, match="setup failed on purpose"):
         pool.client.call("badsetup", timeout=5)
     # The process was not killed and respawned in a loop

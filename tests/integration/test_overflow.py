@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from poolq.store.records import SERVING
 from poolq.testing import PoolFactory
 from tests.agents import clear, max_running
 
@@ -17,7 +18,10 @@ def test_burst_grows_into_overflow_and_falls_back_to_size(
     )
     # Given a burst of work longer than the base agents can absorb
     handles = [pool.client.cast("burst", 0.8, op="track") for _ in range(12)]
-    pool.wait_for(lambda: len(pool.agents()) == 3, timeout=15, what="an overflow agent")
+    # (counted once it is set up: a starting agent is not capacity yet)
+    pool.wait_for(
+        lambda: sum(a.state in SERVING for a in pool.agents()) == 3, timeout=15, what="an overflow agent, set up"
+    )
     during = pool.client.status("burst")
     assert during.overflow == 1 and during.max_overflow == 1 and during.size == 2
     for handle in handles:

@@ -96,7 +96,7 @@ def test_memory_limit_recycles_in_place_when_teardown_returns_it(
 ) -> None:
     clear(state, "hog")
     pool = poolq_pools.start("hog", "tests.agents:Probe", size=1, options={"redis_url": poolq_broker})
-    baseline = float(pool.agents()[0].get("rss_mb") or 0) or _rss(pool)
+    baseline = pool.agents()[0].rss_mb or _rss(pool)
     pool.workers.pop().stop()
     pool = poolq_pools.start(
         "hog", "tests.agents:Probe", size=1, max_memory_mb=baseline + 60, options={"redis_url": poolq_broker}
@@ -152,19 +152,19 @@ def test_an_agent_turning_unhealthy_while_idle_is_replaced(
         "idlesick", "tests.agents:Probe", size=2, health_interval=0.5, options={"redis_url": poolq_broker}
     )
     sick = pool.agents()[0]
-    state.set(f"test:idlesick:unhealthy:{sick['name']}", 1)
+    state.set(f"test:idlesick:unhealthy:{sick.name}", 1)
     try:
         # No call needed: the periodic check marks it, the node's scaler replaces its process
         pool.wait_for(
-            lambda: sick["id"] not in {a.id for a in pool.client.status("idlesick").agents},
+            lambda: sick.id not in {a.id for a in pool.client.status("idlesick").agents},
             timeout=30,
             what="unhealthy idle agent replaced",
         )
         assert len(pool.client.status("idlesick").agents) == 2
     finally:
-        state.delete(f"test:idlesick:unhealthy:{sick['name']}")
+        state.delete(f"test:idlesick:unhealthy:{sick.name}")
 
 
 def _rss(pool: RunningPool) -> float:
-    pool.wait_for(lambda: bool(pool.agents() and pool.agents()[0].get("rss_mb")), timeout=10, what="rss published")
-    return float(pool.agents()[0]["rss_mb"])
+    pool.wait_for(lambda: bool(pool.agents() and pool.agents()[0].rss_mb), timeout=10, what="rss published")
+    return pool.agents()[0].rss_mb

@@ -39,7 +39,7 @@ def test_setup_runs_once_per_process_across_1000_calls(
     setup_pids = {int(pid) for _, pid, _ in setups}
     assert len(setups) == 2
     assert pids <= setup_pids
-    assert sum(int(a["requests"]) for a in pool.agents()) == CALLS
+    assert sum(a.requests for a in pool.agents()) == CALLS
 
     p50 = statistics.median(latencies) * 1000
     p99 = statistics.quantiles(latencies, n=100)[98] * 1000

@@ -91,14 +91,14 @@ def test_twenty_kills_under_load_lose_nothing_and_run_nothing_twice(module_pools
     deadline = time.monotonic() + 60
     while len(killed_tasks) < 20 and time.monotonic() < deadline:
         time.sleep(0.3)
-        busy = [a for a in pool.agents() if a.get("state") == "busy" and a.get("task") not in killed_tasks]
+        busy = [a for a in pool.agents() if a.state == "busy" and a.task not in killed_tasks]
         if busy:
             victim = rng.choice(busy)
             try:
-                os.kill(int(victim["pid"]), signal.SIGKILL)
+                os.kill(victim.pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue  # it died between the look and the kill
-            killed_tasks.add(victim.get("task"))
+            killed_tasks.add(victim.task)
     for thread in threads:
         thread.join(120)
     assert len(killed_tasks) == 20

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from poolq import AsyncClient, InvalidPayload, PoolqError
 from poolq.client import options
-from poolq.store import protocol
+from poolq.store import keys, protocol
 from poolq.testing import PoolFactory, RunningPool
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT
@@ -43,7 +43,7 @@ def _send_raw(pool: RunningPool, task_id: str, body: bytes) -> None:
     headers = {
         "lang": "py", "task": "poolq.hostile", "id": task_id, "root_id": task_id, "parent_id": None,
         "argsrepr": "(...)", "kwargsrepr": "{}", "origin": "test", "retries": 0,
-        protocol.HEADER_REPLY: protocol.reply_key(task_id), protocol.HEADER_OP: "echo",
+        protocol.HEADER_REPLY: keys.reply(task_id), protocol.HEADER_OP: "echo",
     }  # fmt: skip
     with pool.client.app.producer_or_acquire() as producer:
         producer.publish(
@@ -58,7 +58,7 @@ def test_a_deep_payload_that_bypasses_the_client_is_refused_by_the_node(pool: Ru
     for n in range(3):  # as a stream of casts: each is refused, none comes back
         task_id = f"deep-{depth}-{n}"
         _send_raw(pool, task_id, f"[[{args}], {{}}, {{}}]".encode())
-        reply = pool.client.scripts.pop(protocol.reply_key(task_id), time.monotonic() + 10)
+        reply = pool.client.scripts.pop(keys.reply(task_id), time.monotonic() + 10)
         assert reply is not None
         with pytest.raises(InvalidPayload, match=r"nest more than|cannot be decoded"):
             protocol.decode_reply(reply)

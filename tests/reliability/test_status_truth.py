@@ -47,8 +47,8 @@ def test_a_lost_nodes_agents_show_as_lost(pools: PoolFactory, ledger: Ledger) ->
 
 def test_an_agent_over_its_memory_limit_is_replaced_warm_first(pools: PoolFactory, ledger: Ledger) -> None:
     probe = pools.start("mem", AGENT, size=1, options={"ledger": str(ledger.path)})
-    probe.wait_for(lambda: bool(probe.agents() and probe.agents()[0].get("rss_mb")), timeout=10, what="rss")
-    baseline = float(probe.agents()[0]["rss_mb"])
+    probe.wait_for(lambda: bool(probe.agents() and probe.agents()[0].rss_mb), timeout=10, what="rss")
+    baseline = probe.agents()[0].rss_mb
     probe.workers.pop().stop()
     pool = pools.start(
         "mem", AGENT, size=1, max_memory_mb=baseline + 40, options={"ledger": str(ledger.path), "setup_seconds": 1}
