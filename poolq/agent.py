@@ -27,11 +27,16 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import InvalidArguments, UnknownOperation
+from .errors import ConfigError, InvalidArguments, UnknownOperation
+
+if TYPE_CHECKING:
+    from .config import PoolConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,3 +137,23 @@ def _build_operation_table(cls: type[Agent]) -> dict[str, inspect.Signature]:
         # Drop ``self``: callers bind the arguments they send.
         table[name] = signature.replace(parameters=list(signature.parameters.values())[1:])
     return table
+
+
+def load_agent_class(pool: PoolConfig) -> type[Agent]:
+    """Import the pool's agent class from its ``module:Class`` path.
+
+    Raises:
+        ConfigError: the module or class cannot be imported, or is no Agent.
+    """
+    for module_name in pool.requires:
+        if importlib.util.find_spec(module_name) is None:
+            raise ConfigError(f"pool {pool.name!r} requires the module {module_name!r}, which is not installed")
+    module_name, _, class_name = pool.agent.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"pool {pool.name!r}: cannot import agent module {module_name!r}: {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise ConfigError(f"pool {pool.name!r}: {pool.agent} is not a poolq.Agent subclass")
+    return cls

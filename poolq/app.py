@@ -133,7 +133,7 @@ def _maintain(task: Task, pool: str) -> dict[str, Any]:
 
 @functools.cache
 def _state(url: str) -> Any:
-    from .store.protocol import connect
+    from .store.connection import connect
 
     return connect(url)
 

@@ -55,6 +55,10 @@ class _PoolqGroup(click.Group):
 @click.version_option(VERSION, prog_name="poolq")
 def main() -> None:
     """poolq: pools of warm agents inside Celery workers."""
+    # Agents are named by import path (workers.echo:Echo): found from the
+    # project directory, as Celery and gunicorn find an app.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 @main.command()

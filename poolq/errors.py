@@ -37,6 +37,14 @@ class BrokerNotConfigured(PoolqError):
     """No broker URL is set and no `poolq up` runs in this project."""
 
 
+class EmbeddedBrokerError(PoolqError):
+    """The embedded broker (``poolq up``, the test fixtures) could not be started."""
+
+
+class AlreadyRunning(PoolqError):
+    """Another ``poolq up`` runs in this project directory."""
+
+
 class BrokerUnavailable(PoolqError):
     """The broker or the state Redis cannot be reached."""
 

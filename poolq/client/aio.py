@@ -33,7 +33,7 @@ import redis
 import redis.asyncio
 
 from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
-from ..store import keys, protocol
+from ..store import connection, keys, protocol
 from ..store.status import PoolStatus
 from . import core
 from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
@@ -82,7 +82,7 @@ class _Mailbox:
         try:
             while self.pending:
                 try:
-                    popped = await self.state.blpop([self.key], timeout=protocol.BLOCK_SLICE)
+                    popped = await self.state.blpop([self.key], timeout=connection.BLOCK_SLICE)
                     if popped is None:
                         continue
                     batch = [popped[1], *(await self.state.lpop(self.key, DRAIN_BATCH) or [])]
@@ -90,7 +90,7 @@ class _Mailbox:
                     # The state Redis is away (a restart): each call keeps waiting
                     # until its own deadline, then finds out for itself.
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, protocol.RECONNECT_BACKOFF_MAX)
+                    delay = min(delay * 2, connection.RECONNECT_BACKOFF_MAX)
                     continue
                 delay = 0.05
                 for raw in batch:
@@ -117,11 +117,11 @@ class AsyncClient:
             # Blocking: a burst of calls waits its turn for a connection instead of failing.
             pool = redis.asyncio.BlockingConnectionPool.from_url(
                 self.client.config.state_url,
-                max_connections=protocol.MAX_CONNECTIONS,
-                timeout=protocol.SOCKET_TIMEOUT,
+                max_connections=connection.MAX_CONNECTIONS,
+                timeout=connection.SOCKET_TIMEOUT,
                 decode_responses=True,
-                socket_timeout=protocol.SOCKET_TIMEOUT,
-                socket_connect_timeout=protocol.SOCKET_TIMEOUT,
+                socket_timeout=connection.SOCKET_TIMEOUT,
+                socket_connect_timeout=connection.SOCKET_TIMEOUT,
                 socket_keepalive=True,
             )
             mailbox = self._loops[loop] = _Mailbox(redis.asyncio.Redis.from_pool(pool))  # closes the pool with it
@@ -311,7 +311,7 @@ class AsyncLease(LeaseCore):
 
 async def _pop(state: redis.asyncio.Redis, key: str, deadline: float) -> str | None:
     while (left := deadline - time.monotonic()) > 0:
-        popped = await state.blpop([key], timeout=max(0.001, min(left, protocol.BLOCK_SLICE)))
+        popped = await state.blpop([key], timeout=max(0.001, min(left, connection.BLOCK_SLICE)))
         if popped is not None:
             return str(popped[1])
     return None

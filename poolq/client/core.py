@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from ..config import Config, PoolConfig
 from ..errors import PoolClosed, PoolDegraded, PoolExhausted, PoolqError
-from ..store import keys, protocol, registry
+from ..store import keys, messages, registry
 from ..store.status import PoolStatus
 from . import options
 from .waiting import CallWait
@@ -168,7 +168,7 @@ def admit(
         call_timeout=options.seconds("call_timeout", chosen.get("call_timeout"), config_pool.call_timeout),
         block=options.flag("block", chosen.get("block", True)),
     )
-    protocol.check_arguments(config_pool.name, args, kwargs, config_pool.max_payload_bytes)
+    messages.check_arguments(config_pool.name, args, kwargs, config_pool.max_payload_bytes)
     return spec
 
 
@@ -246,7 +246,7 @@ def call(gate: Gate, spec: CallSpec, task_id: str, reply_to: str, redelivery: fl
     while True:
         reply = yield Pop(reply_to, deadline, task_id)
         if reply is not None:
-            return protocol.decode_reply(reply)
+            return messages.decode_reply(reply)
         deadline = wait.next_deadline(time.monotonic(), (yield Inspect(task_id, reply_to)))
 
 

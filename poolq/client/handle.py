@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ResultTimeout
-from ..store import keys, protocol
+from ..store import keys, messages, protocol
 from . import options
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class Handle:
             while True:
                 stored = client.scripts.command("GET", key)
                 if stored is not None:
-                    return protocol.decode_reply(str(stored))
+                    return messages.decode_reply(str(stored))
                 now = time.monotonic()
                 if give_up_at is not None and now >= give_up_at:
                     # Nobody took the cast within its timeout: close it (a
@@ -96,4 +96,4 @@ class Handle:
                 slice_end = min(until, now + self.SLICE, give_up_at or math.inf)
                 reply = client.scripts.pop(notify, slice_end)
                 if reply is not None:
-                    return protocol.decode_reply(reply)
+                    return messages.decode_reply(reply)

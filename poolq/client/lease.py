@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallTimeout, CheckoutTimeout, LeaseLost, PoolqTimeout
-from ..store import keys, protocol
+from ..store import connection, keys, messages, protocol
 from . import core, options
 from .core import Alive, Inspect, Pop, Push, Send, Steps
 
@@ -81,10 +81,10 @@ class LeaseCore:
         if grant is None:
             if (yield Inspect(task_id, self.replies)).given_up:
                 raise CheckoutTimeout(f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s")
-            grant = yield Pop(self.replies, time.monotonic() + protocol.BLOCK_SLICE)
+            grant = yield Pop(self.replies, time.monotonic() + connection.BLOCK_SLICE)
         if grant is None:
             raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
-        self.agent_id, self.agent_name = protocol.read_lease_grant(grant)
+        self.agent_id, self.agent_name = messages.read_lease_grant(grant)
         self._open = True
 
     def call_steps(self, args: tuple[Any, ...], keywords: Mapping[str, Any]) -> Steps[Any]:
@@ -101,9 +101,9 @@ class LeaseCore:
         limit = options.seconds("call_timeout", chosen.get("call_timeout"), self.pool.call_timeout)
         assert limit is not None
         op = options.operation(chosen.get("op"))
-        protocol.check_arguments(self.pool.name, args, kwargs, self.pool.max_payload_bytes)
+        messages.check_arguments(self.pool.name, args, kwargs, self.pool.max_payload_bytes)
         self._seq += 1
-        request = protocol.LeaseRequest(self._seq, op, list(args), kwargs, limit)
+        request = messages.LeaseRequest(self._seq, op, list(args), kwargs, limit)
         yield Push(self.requests, request.encode(), self._list_ttl)
         deadline = time.monotonic() + limit + protocol.CALL_GRACE
         while True:
@@ -123,7 +123,7 @@ class LeaseCore:
         """Give the agent back: reset, or recycled when ``broken``. Idempotent."""
         if self._open:
             self._open = False
-            yield Push(self.requests, protocol.LeaseRequest(release=True, broken=broken).encode(), self._list_ttl)
+            yield Push(self.requests, messages.LeaseRequest(release=True, broken=broken).encode(), self._list_ttl)
 
     @property
     def _list_ttl(self) -> int:
@@ -131,7 +131,7 @@ class LeaseCore:
 
     def _read(self, raw: str) -> tuple[bool, Any]:
         try:
-            return protocol.read_lease_reply(raw, self._seq, self.id)
+            return messages.read_lease_reply(raw, self._seq, self.id)
         except (LeaseLost, CallTimeout):
             self._open = False  # it ended, or a timed-out call ended it (its agent is recycled)
             raise

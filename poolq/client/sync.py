@@ -30,7 +30,7 @@ from celery import Celery
 from ..app import create_app, default_app
 from ..config import Config, load_config
 from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
-from ..store import keys, protocol, queues, registry
+from ..store import connection, keys, protocol, queues, registry
 from ..store.status import PoolStatus, read_status
 from . import core, options
 from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
@@ -74,11 +74,11 @@ class Client:
     @functools.cached_property
     def state(self) -> redis.Redis:
         """The state Redis (replies, claims, registry)."""
-        return protocol.connect(self.config.state_url)
+        return connection.connect(self.config.state_url)
 
     @functools.cached_property
-    def scripts(self) -> protocol.Scripts:
-        return protocol.Scripts(self.state)
+    def scripts(self) -> connection.Scripts:
+        return connection.Scripts(self.state)
 
     def close(self) -> None:
         """Close this client's connections (it reconnects if used again)."""

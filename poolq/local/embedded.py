@@ -24,15 +24,11 @@ from pathlib import Path
 
 import redis
 
-from ..errors import PoolqError
+from ..errors import EmbeddedBrokerError
 from .procs import child_preexec, stop_process
 
 #: Seconds the server gets to answer PING after it starts.
 START_TIMEOUT = 15.0
-
-
-class EmbeddedBrokerError(PoolqError):
-    """The embedded broker could not be started."""
 
 
 def server_binary() -> str:

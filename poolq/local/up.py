@@ -18,7 +18,7 @@ from typing import IO
 import psutil
 
 from ..config import BROKER_URL_FILE, Config, PoolConfig, redact
-from ..errors import PoolqError
+from ..errors import AlreadyRunning
 from .embedded import EmbeddedRedis, free_port
 from .procs import alive, stop_pid
 from .supervisor import Service, Supervisor
@@ -28,10 +28,6 @@ FLOWER_PORT = 5555
 
 UP_PIDFILE = "up.pid"
 BROKER_PIDFILE = "broker.pid"
-
-
-class AlreadyRunning(PoolqError):
-    """Another ``poolq up`` runs in this project directory."""
 
 
 @dataclass(frozen=True)

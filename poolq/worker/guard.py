@@ -5,7 +5,7 @@ execution pool. poolq's strategy (``PoolTask.Strategy``) looks first, in the
 node's main process:
 
 - **A payload no agent must see**: bigger than the pool's limit, nested
-  deeper than :data:`~poolq.store.protocol.MAX_NESTING`, or not JSON at all. Such a
+  deeper than :data:`~poolq.store.messages.MAX_NESTING`, or not JSON at all. Such a
   message could not even be handed to a prefork child (pickling it exhausts
   the stack and takes the node down) and would come back after every crash.
   It is answered with ``InvalidPayload``, acknowledged and dropped, whoever
@@ -34,7 +34,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
 from ..errors import InvalidPayload
-from ..store import keys, protocol
+from ..store import connection, keys, messages, protocol
 from .runtime import owner_alive
 
 logger = logging.getLogger("poolq.worker")
@@ -86,7 +86,7 @@ class Guard:
         self.max_payload_bytes = max_payload_bytes
         self.hostname = hostname
         self.consumer = consumer
-        self.scripts = protocol.Scripts(state)
+        self.scripts = connection.Scripts(state)
 
     def admit(self, message: Any, resume: Callable[[], None]) -> bool:
         """True when the message goes on to an agent now; otherwise it was dropped or is held."""
@@ -111,21 +111,21 @@ class Guard:
         if len(body) > self.max_payload_bytes + ENVELOPE_BYTES:
             return f"the message is {len(body)} bytes, over the pool's limit of {self.max_payload_bytes}"
         raw = body if isinstance(body, bytes) else str(body).encode()
-        if raw.count(b"[") + raw.count(b"{") <= protocol.MAX_NESTING:
+        if raw.count(b"[") + raw.count(b"{") <= messages.MAX_NESTING:
             return ""  # too few brackets to nest too deep: no need to walk it
         try:
             payload = message.payload
         except (Exception, RecursionError) as exc:
             return f"the message cannot be decoded: {type(exc).__name__}"
-        if protocol.argument_nesting(payload) > protocol.MAX_NESTING:
-            return f"its arguments nest more than {protocol.MAX_NESTING} levels deep"
+        if messages.argument_nesting(payload) > messages.MAX_NESTING:
+            return f"its arguments nest more than {messages.MAX_NESTING} levels deep"
         return ""
 
     def refuse(self, message: Any, problem: str) -> None:
         headers = message.headers or {}
         task_id = str(headers.get("id", ""))
         logger.error("refusing call %s: %s", task_id, problem)
-        error = protocol.encode_error(task_id, InvalidPayload(f"call {task_id}: {problem}"), "")
+        error = messages.encode_error(task_id, InvalidPayload(f"call {task_id}: {problem}"), "")
         try:
             reply_to = str(headers.get(protocol.HEADER_REPLY) or keys.reply(task_id))
             protocol.finish(

@@ -6,23 +6,24 @@ reuses the most recently used agent, ``fifo`` rotates through all of them).
 
 The host builds its agents when the process starts, before the process takes
 work, publishes their state to the registry, keeps their heartbeat (with the
-process's current memory), checks their health, recycles them when a limit is
-reached, and tears them down on shutdown.
+process's memory and CPU), checks their health, has them replaced when a
+limit is reached (:mod:`poolq.worker.recycling`), and tears them down on
+shutdown.
 
-Recycling in place (teardown, then setup, in the same process and thread that
-runs the calls, so thread-bound agents stay valid) happens right after the
-call that crossed a limit, while Celery still counts the process busy and
-gives it no work. Memory that teardown does not give back cannot be recycled
-in place: the agent is marked for replacement, and the node's scaler replaces
-the whole process (see :mod:`poolq.worker.scaler`).
+An agent that reached a limit still works, so it is replaced warm first: in a
+prefork node, the process asks its node for a new process and serves on until
+that one is ready (:mod:`poolq.worker.scaler`). Where the agents share the
+node's process (``threads``, ``solo``) it recycles in place (teardown, then
+setup, in the thread that runs its calls, so thread-bound agents stay valid),
+one agent of the pool at a time. A broken agent (a call that timed out, an
+unhealthy one) recycles in place at once, right after the call, before the
+process takes more work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -34,116 +35,21 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import redis
 from billiard.process import current_process
 
-from ..agent import Agent
+from ..agent import Agent, load_agent_class
 from ..config import PoolConfig
-from ..errors import AgentUnavailable, ConfigError
+from ..errors import AgentUnavailable
 from ..scaling.policy import jittered
 from ..store import keys, names, registry
-from . import limits
+from . import limits, recycling
+from .slot import SETUP_RETRY_MIN, AgentSlot
+from .usage import CpuWindow, rss_mb
 
 logger = logging.getLogger("poolq.worker")
-
-#: Seconds before a failed setup is tried again (doubles up to the pool's breaker_reset).
-SETUP_RETRY_MIN = 1.0
-#: Lifecycle states kept per agent (shown by status).
-HISTORY_KEPT = 10
-#: Seconds the pool-wide turn to recycle in place is held at most (a recycle that dies frees it then).
-RECYCLE_TURN_MAX = 600.0
-
-
-def load_agent_class(pool: PoolConfig) -> type[Agent]:
-    """Import the pool's agent class from its ``module:Class`` path.
-
-    Raises:
-        ConfigError: the module or class cannot be imported, or is no Agent.
-    """
-    for module_name in pool.requires:
-        if importlib.util.find_spec(module_name) is None:
-            raise ConfigError(f"pool {pool.name!r} requires the module {module_name!r}, which is not installed")
-    module_name, _, class_name = pool.agent.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"pool {pool.name!r}: cannot import agent module {module_name!r}: {exc}") from exc
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Agent)):
-        raise ConfigError(f"pool {pool.name!r}: {pool.agent} is not a poolq.Agent subclass")
-    return cls
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in MB.
-
-    Not ``ru_maxrss`` (what Celery's ``max_memory_per_child`` reads): that is
-    the peak, which never falls, and a forked child inherits its parent's.
-    """
-    return float(psutil.Process().memory_info().rss) / 2**20
-
-
-# KEYS: turn.  ARGV: holder.  Gives the turn back only if this agent holds it.
-_GIVE_TURN = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-class CpuWindow:
-    """A process's CPU use, averaged over the last ``window`` seconds (sampled every heartbeat)."""
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-        self.samples: deque[tuple[float, float]] = deque()
-        self.process = psutil.Process()
-
-    def sample(self) -> None:
-        times = self.process.cpu_times()
-        now = time.monotonic()
-        self.samples.append((now, times.user + times.system))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
-            self.samples.popleft()
-
-    def average(self) -> float | None:
-        """Percent of one core over the window, or None until a whole window was seen."""
-        if len(self.samples) < 2:
-            return None
-        (start, used_start), (end, used_end) = self.samples[0], self.samples[-1]
-        if end - start < self.window * 0.9:
-            return None
-        return 100.0 * (used_end - used_start) / (end - start)
-
-
-@dataclass
-class AgentSlot:
-    """One agent and its bookkeeping."""
-
-    agent_id: str
-    suffix: str = ""
-    name: str = ""
-    agent: Agent | None = None
-    state: str = "starting"
-    requests: int = 0
-    setups: int = 0
-    started_at: float = field(default_factory=time.time)
-    last_used_at: float = 0.0
-    health_checked_at: float = 0.0
-    requests_limit: float = math.inf
-    age_limit: float = math.inf
-    setup_error: str = ""
-    retry_at: float = 0.0
-    retry_delay: float = SETUP_RETRY_MIN
-    #: The agent's place in the pool, kept across its recycles (and its process's warm replacement).
-    slot_id: str = ""
-    recycles: int = 0
-    #: Why this agent is being replaced ('' when it is not).
-    replacing: str = ""
-    #: Why this slot is no longer recycled (past max_recycles; '' when it is).
-    degraded: str = ""
-    #: The agent's last lifecycle states, as (time, state).
-    history: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT))
 
 
 class AgentHost:
@@ -290,7 +196,7 @@ class AgentHost:
         """Replace the agent if the call just made it reach a limit (requests, age, memory, CPU)."""
         if slot.agent is None:
             return
-        reason = self._limit_reached(slot)
+        reason = recycling.limit_reached(self.pool, slot, self.cpu)
         if reason:
             self.replace(slot, reason)
 
@@ -311,11 +217,9 @@ class AgentHost:
             self._mark_for_replacement(slot, reason)
             self.retire(slot.slot_id, slot.recycles, reason)
             return
-        if self._take_recycle_turn(slot):
-            try:
+        with recycling.recycle_turn(self.state, self.pool.name, slot.agent_id) as ours:
+            if ours:
                 self.recycle(slot, reason)
-            finally:
-                self._give_recycle_turn(slot)
 
     def recycle(self, slot: AgentSlot, reason: str) -> None:
         """Replace the slot's agent by a fresh one in place (teardown, then setup).
@@ -349,20 +253,6 @@ class AgentHost:
 
     # -- internals ---------------------------------------------------------
 
-    def _limit_reached(self, slot: AgentSlot) -> str:
-        pool = self.pool
-        if slot.requests >= slot.requests_limit:
-            return f"{slot.requests} requests (max_requests {pool.max_requests})"
-        if time.time() - slot.started_at >= slot.age_limit:
-            return f"age over max_age {pool.max_age:g}s"
-        if pool.max_memory_mb is not None and rss_mb() > pool.max_memory_mb:
-            return f"memory {rss_mb():.0f} MB over max_memory_mb {pool.max_memory_mb:g}"
-        if self.cpu is not None and pool.max_cpu_percent is not None:
-            used = self.cpu.average()
-            if used is not None and used > pool.max_cpu_percent:
-                return f"CPU {used:.0f}% over max_cpu_percent {pool.max_cpu_percent:g} for {pool.cpu_window:g}s"
-        return ""
-
     def _past_max_recycles(self, slot: AgentSlot, reason: str) -> bool:
         """Mark the slot degraded, instead of recycling it again, once it was recycled max_recycles times."""
         limit = self.pool.max_recycles
@@ -373,21 +263,6 @@ class AgentHost:
         logger.error("agent slot %s is degraded: %s", slot.slot_id, slot.degraded)
         self._publish(slot)
         return True
-
-    def _take_recycle_turn(self, slot: AgentSlot) -> bool:
-        """The pool-wide turn to recycle in place: one agent of the pool out of service at a time."""
-        try:
-            return bool(
-                self.state.set(
-                    keys.recycle_turn(self.pool.name), slot.agent_id, nx=True, px=int(RECYCLE_TURN_MAX * 1000)
-                )
-            )
-        except redis.RedisError:
-            return True  # cannot coordinate: recycle (the limit was reached)
-
-    def _give_recycle_turn(self, slot: AgentSlot) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.state.eval(_GIVE_TURN, 1, keys.recycle_turn(self.pool.name), slot.agent_id)
 
     def _beat_fields(self) -> dict[str, Any]:
         if self.cpu is not None:
@@ -527,7 +402,7 @@ class AgentHost:
                     logger.warning("agent %s failed its health check while idle", slot.name)
                     slot.state = "unhealthy"
                     self._mark_for_replacement(slot, "failed health check")
-                elif self.retire is not None and (reason := self._limit_reached(slot)):
+                elif self.retire is not None and (reason := recycling.limit_reached(self.pool, slot, self.cpu)):
                     self.replace(slot, reason)  # a warm replacement, asked from here: no call needed
             finally:
                 with self._cond:

@@ -19,9 +19,9 @@ from typing import Any
 import redis
 
 from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
-from ..store import keys, protocol, registry
+from ..store import keys, messages, protocol, registry
 from . import limits
-from .host import AgentSlot
+from .slot import AgentSlot
 
 logger = logging.getLogger("poolq.worker")
 
@@ -33,10 +33,10 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
     try:
         agent = runtime.host.ensure_ready(slot)
     except AgentUnavailable as exc:
-        _push(state, replies, ttl, protocol.lease_ended("unavailable", str(exc)))
+        _push(state, replies, ttl, messages.lease_ended("unavailable", str(exc)))
         return "unavailable", False
     _set_state(state, slot, "leased", lease_id)
-    _push(state, replies, ttl, protocol.lease_grant(slot.agent_id, slot.name))
+    _push(state, replies, ttl, messages.lease_grant(slot.agent_id, slot.name))
     logger.info("agent %s leased (%s)", slot.name, lease_id)
     ended, broken, served = "expired", True, slot.requests
     try:
@@ -44,15 +44,15 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
             raw = runtime.scripts.pop(requests, time.monotonic() + ttl)
             if raw is None:
                 break  # the client sent nothing for ttl seconds: it is gone
-            request = protocol.LeaseRequest.decode(raw)
+            request = messages.LeaseRequest.decode(raw)
             if request.release:
                 ended, broken = "released", request.broken
                 break
             reply, outcome = _run(runtime, slot, agent, request, lease_id, ttl)
-            _push(state, replies, ttl, protocol.lease_reply(request.seq, reply))
+            _push(state, replies, ttl, messages.lease_reply(request.seq, reply))
             if outcome is not None:
                 ended, broken = outcome, True
-                _push(state, replies, ttl, protocol.lease_ended(outcome))
+                _push(state, replies, ttl, messages.lease_ended(outcome))
                 break
     finally:
         state.delete(requests)
@@ -61,13 +61,13 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
 
 
 def _run(
-    runtime: Any, slot: AgentSlot, agent: Any, request: protocol.LeaseRequest, lease_id: str, ttl: float
+    runtime: Any, slot: AgentSlot, agent: Any, request: messages.LeaseRequest, lease_id: str, ttl: float
 ) -> tuple[str, str | None]:
     """Run one request; its reply, and why the lease must end (or None)."""
     try:
         operation = agent.bind(request.op, request.args, request.kwargs)
     except (UnknownOperation, InvalidArguments) as exc:
-        return protocol.encode_error("", exc, ""), None
+        return messages.encode_error("", exc, ""), None
     slot.requests += 1
     slot.last_used_at = time.time()
     timeout = CallTimeout(f"lease call {request.seq} ({request.op or 'handle'}) ran past its call_timeout")
@@ -75,7 +75,7 @@ def _run(
 
     def report_stuck() -> None:
         # From the watchdog, just before it ends this process.
-        _push(runtime.state, replies, ttl, protocol.lease_reply(request.seq, protocol.encode_error("", timeout, "")))
+        _push(runtime.state, replies, ttl, messages.lease_reply(request.seq, messages.encode_error("", timeout, "")))
 
     try:
         with limits.limit(
@@ -86,12 +86,12 @@ def _run(
             hard=runtime.hard_limits,
         ):
             result = operation()
-        return protocol.encode_result("", result), None
+        return messages.encode_result("", result), None
     except limits.CallDeadline:
-        return protocol.encode_error("", timeout, ""), "call_timeout"
+        return messages.encode_error("", timeout, ""), "call_timeout"
     except Exception as exc:
         healthy = runtime.host.healthy(slot)
-        return protocol.encode_error("", exc, None), None if healthy else "unhealthy"
+        return messages.encode_error("", exc, None), None if healthy else "unhealthy"
 
 
 def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:

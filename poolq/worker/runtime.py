@@ -30,9 +30,10 @@ from ..errors import (
     PoolDegraded,
     UnknownOperation,
 )
-from ..store import keys, protocol, registry
+from ..store import connection, keys, messages, protocol, registry
 from . import lease, limits
-from .host import AgentHost, AgentSlot
+from .host import AgentHost
+from .slot import AgentSlot
 
 logger = logging.getLogger("poolq.worker")
 
@@ -52,7 +53,7 @@ class Runtime:
     pool: PoolConfig
     host: AgentHost
     state: redis.Redis
-    scripts: protocol.Scripts
+    scripts: connection.Scripts
 
     @property
     def hard_limits(self) -> bool:
@@ -69,9 +70,9 @@ class Runtime:
         retire: Callable[[str, int, str], None] | None = None,
         slot: tuple[str, int] | None = None,
     ) -> Runtime:
-        state = protocol.connect(config.state_url)
+        state = connection.connect(config.state_url)
         host = AgentHost(pool, state, node=node, slots=slots, retire=retire, slot=slot)
-        return cls(config=config, pool=pool, host=host, state=state, scripts=protocol.Scripts(state))
+        return cls(config=config, pool=pool, host=host, state=state, scripts=connection.Scripts(state))
 
 
 _runtime: Runtime | None = None
@@ -248,7 +249,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
             runtime.host.after_call(slot)
         raise
     try:
-        reply = protocol.encode_result(call.task_id, result)
+        reply = messages.encode_result(call.task_id, result)
     except (TypeError, ValueError, RecursionError) as exc:
         error = TypeError(f"{call.op or 'handle'}() returned a value that is not plain JSON: {exc}")
         _fail(runtime, slot, call, error, ran=True)
@@ -270,7 +271,7 @@ def _fail(
     ran: bool = False,
     agent_state: str = "idle",
 ) -> None:
-    error = protocol.encode_error(call.task_id, exc, None if with_traceback else "")
+    error = messages.encode_error(call.task_id, exc, None if with_traceback else "")
     _finish(runtime, slot, call, error, ran, agent_state)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
@@ -304,7 +305,7 @@ def _retrying(fn: Any) -> Any:
             if time.monotonic() + delay > deadline:
                 raise
         time.sleep(delay)
-        delay = min(delay * 2, protocol.RECONNECT_BACKOFF_MAX)
+        delay = min(delay * 2, connection.RECONNECT_BACKOFF_MAX)
 
 
 def _owner_alive(runtime: Runtime, owner: str) -> bool:

@@ -31,13 +31,13 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
+from ..agent import load_agent_class
 from ..app import CONTROL_QUEUE, MAINTAIN_TASK
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
-from ..store import protocol, queues, registry
+from ..store import connection, queues, registry
 from . import runtime, scaler
 from .beacon import NodeBeacon
-from .host import load_agent_class
 from .redelivery import Renewal, uses_visibility
 from .scaler import TICK, NodeScaler, RetireRequests
 
@@ -111,7 +111,7 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             pool=pool,
             name=worker.hostname,
             pool_type=pool_type,
-            state=protocol.connect(config.state_url),
+            state=connection.connect(config.state_url),
             hostname=socket.gethostname(),
             retire_requests=RetireRequests() if pool_type == "prefork" else None,
         )
@@ -132,7 +132,7 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         )
         if uses_visibility(config.broker_url):
             node.renewal = Renewal(
-                redis.Redis.from_url(config.broker_url, socket_timeout=protocol.SOCKET_TIMEOUT),
+                redis.Redis.from_url(config.broker_url, socket_timeout=connection.SOCKET_TIMEOUT),
                 tags=lambda: _held_tags(worker),
             )
             node.beacon.after_beat = node.renewal.beat

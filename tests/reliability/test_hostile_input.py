@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from poolq import AsyncClient, InvalidPayload, PoolqError
 from poolq.client import options
-from poolq.store import keys, protocol
+from poolq.store import keys, messages, protocol
 from poolq.testing import PoolFactory, RunningPool
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT
@@ -61,7 +61,7 @@ def test_a_deep_payload_that_bypasses_the_client_is_refused_by_the_node(pool: Ru
         reply = pool.client.scripts.pop(keys.reply(task_id), time.monotonic() + 10)
         assert reply is not None
         with pytest.raises(InvalidPayload, match=r"nest more than|cannot be decoded"):
-            protocol.decode_reply(reply)
+            messages.decode_reply(reply)
     assert all(w.process.poll() is None for w in pool.workers)  # the node lives
     assert pool.client.call("hostile", 1, 2, op="echo") == {"args": [1, 2], "kwargs": {}}
 

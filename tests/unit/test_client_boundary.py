@@ -10,7 +10,7 @@ import pytest
 
 from poolq import AsyncClient, Client, InvalidOption, InvalidPayload, PoolqError, UnknownPool, load_config
 from poolq.client import options
-from poolq.store.protocol import MAX_NESTING
+from poolq.store.messages import MAX_NESTING
 from poolq.testing import render_config
 
 
