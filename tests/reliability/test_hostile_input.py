@@ -120,7 +120,14 @@ def _attempt(pool: RunningPool, aclient: AsyncClient, call: dict[str, Any]) -> A
     if call["entry"] == "cast":
         return pool.client.cast("hostile", *args, **bounded, **kwargs).result(timeout=30)
     if call["entry"] == "acall":
-        return asyncio.run(aclient.call("hostile", *args, **bounded, **kwargs))
+
+        async def in_a_loop() -> Any:
+            try:
+                return await aclient.call("hostile", *args, **bounded, **kwargs)
+            finally:
+                await aclient.aclose()  # this loop's connection goes with it
+
+        return asyncio.run(in_a_loop())
     with pool.client.lease("hostile", timeout=bounded["timeout"]) as agent:
         return agent.call(*args, op=call["op"], call_timeout=bounded["call_timeout"], **kwargs)
 
