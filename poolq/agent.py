@@ -139,15 +139,19 @@ def _build_operation_table(cls: type[Agent]) -> dict[str, inspect.Signature]:
     return table
 
 
+def missing_requirements(pool: PoolConfig) -> list[str]:
+    """The modules in the pool's ``requires`` that cannot be imported here."""
+    return [name for name in pool.requires if importlib.util.find_spec(name) is None]
+
+
 def load_agent_class(pool: PoolConfig) -> type[Agent]:
     """Import the pool's agent class from its ``module:Class`` path.
 
     Raises:
         ConfigError: the module or class cannot be imported, or is no Agent.
     """
-    for module_name in pool.requires:
-        if importlib.util.find_spec(module_name) is None:
-            raise ConfigError(f"pool {pool.name!r} requires the module {module_name!r}, which is not installed")
+    for module_name in missing_requirements(pool):
+        raise ConfigError(f"pool {pool.name!r} requires the module {module_name!r}, which is not installed")
     module_name, _, class_name = pool.agent.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -30,8 +30,14 @@ BROKER_SOCKET_TIMEOUT = 10.0
 BROKER_CONNECT_TIMEOUT = 5.0
 
 
-def celery_settings(config: Config) -> dict[str, Any]:
-    """The Celery configuration for ``config``."""
+def celery_settings(config: Config, monitor: bool = False) -> dict[str, Any]:
+    """The Celery configuration for ``config``.
+
+    ``monitor``: for Flower, which sends no calls and tells brokers apart by
+    their URL's scheme only: it keeps kombu's stock Redis transport, so its
+    Broker tab and queue lengths work.
+    """
+    custom_transport = config.broker_url.startswith("redis://") and not monitor
     queues = [Queue(pool.queue, routing_key=pool.queue) for pool in config.pools.values()]
     queues.append(Queue(CONTROL_QUEUE, routing_key=CONTROL_QUEUE))
     routes = {pool.task_name: {"queue": pool.queue, "routing_key": pool.queue} for pool in config.pools.values()}
@@ -45,11 +51,12 @@ def celery_settings(config: Config) -> dict[str, Any]:
             "options": {"expires": pool.maintenance_interval},
         }
         for pool in config.pools.values()
+        if pool.name not in config.skip_pools
     }
     return {
         "broker_url": config.broker_url,
         # kombu's Redis transport minus a client object per message (poolq.transport).
-        "broker_transport": "poolq.transport:Transport" if config.broker_url.startswith("redis://") else None,
+        "broker_transport": "poolq.transport:Transport" if custom_transport else None,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": BROKER_CONNECT_TIMEOUT,
         # Workers reconnect every second, and never give up (poolq.worker.consumer).
@@ -138,10 +145,10 @@ def _state(url: str) -> Any:
     return connect(url)
 
 
-def create_app(config: Config) -> Celery:
-    """A Celery app for ``config``, with one task per pool."""
+def create_app(config: Config, monitor: bool = False) -> Celery:
+    """A Celery app for ``config``, with one task per pool (``monitor``: Flower's, see :func:`celery_settings`)."""
     app = Celery("poolq", set_as_current=False)
-    app.conf.update(celery_settings(config))
+    app.conf.update(celery_settings(config, monitor=monitor))
     app.poolq_config = config
     for pool in config.pools.values():
         _register(app, pool)

@@ -1,24 +1,37 @@
 """The ``poolq`` command.
 
 Each option that has an environment variable names it in its help.
+``--config`` goes before or after the subcommand; ``-h`` is ``--help``.
+Shell completion: ``eval "$(_POOLQ_COMPLETE=bash_source poolq)"`` (zsh:
+``zsh_source``, fish: ``fish_source``), as for any Click program.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import IO, Any, NoReturn
 
 import click
 from celery import Celery
 
+from .agent import missing_requirements
 from .app import CONTROL_QUEUE
 from .client import Client
 from .client.aio import Arguments
 from .config import Config, load_config
-from .errors import PoolqError
+from .errors import ConfigError, PoolqError
+from .metrics import DEFAULT_PORT
 from .scaling.maintenance import restored_size
+from .store import registry
+from .store.connection import wait_reachable
 from .store.status import PoolStatus
 from .version import VERSION
 
@@ -51,29 +64,40 @@ class _PoolqGroup(click.Group):
             _fail(exc)
 
 
-@click.group(cls=_PoolqGroup)
+@click.group(cls=_PoolqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Pool configuration file, for every subcommand [env: POOLQ_CONFIG; default: config/pools.toml].",
+)
 @click.version_option(VERSION, prog_name="poolq")
-def main() -> None:
+def main(config_path: str | None) -> None:
     """poolq: pools of warm agents inside Celery workers."""
     # Agents are named by import path (workers.echo:Echo): found from the
     # project directory, as Celery and gunicorn find an app.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if config_path:
+        # Read by the subcommand's own --config (its envvar) and by the processes it starts.
+        os.environ["POOLQ_CONFIG"] = config_path
 
 
 @main.command()
 @CONFIG_OPTION
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
-@click.option("--no-beat", is_flag=True, help="Do not start Celery beat.")
-def up(config_path: str | None, no_flower: bool, no_beat: bool) -> None:
-    """Run every pool's worker, beat and Flower in the foreground.
+@click.option("--no-beat", is_flag=True, help="Do not start Celery beat (nor the maintainer).")
+@click.option("--no-metrics", is_flag=True, help="Do not serve /metrics.")
+def up(config_path: str | None, no_flower: bool, no_beat: bool, no_metrics: bool) -> None:
+    """Run every pool's worker, the maintainer, beat, metrics and Flower in the foreground.
 
     With no broker configured (POOLQ_BROKER_URL or [poolq] broker_url), starts
     an embedded one on 127.0.0.1 with its files under .poolq/.
     """
     from .local import up as stack
 
-    sys.exit(stack.run(_config(config_path), out=sys.stdout, flower=not no_flower, beat=not no_beat))
+    config = _config(config_path)
+    sys.exit(stack.run(config, out=sys.stdout, flower=not no_flower, beat=not no_beat, metrics=not no_metrics))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -84,14 +108,37 @@ def up(config_path: str | None, no_flower: bool, no_beat: bool) -> None:
     "-l", "--loglevel", default="INFO", show_default=True, envvar="POOLQ_LOGLEVEL", help="[env: POOLQ_LOGLEVEL]"
 )
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker node for POOL (extra arguments go to `celery worker`)."""
+@click.option(
+    "--task-loglevel",
+    envvar="POOLQ_TASK_LOGLEVEL",
+    help="Level of Celery's per-call lines (received, succeeded) [env: POOLQ_TASK_LOGLEVEL; default: --loglevel].",
+)
+def worker(
+    config_path: str | None,
+    pool: str,
+    node: str | None,
+    loglevel: str,
+    task_loglevel: str | None,
+    celery_args: tuple[str, ...],
+) -> None:
+    """Run a Celery worker node for POOL (extra arguments go to `celery worker`).
+
+    Waits for the broker and the state store when they are not up yet. A pool
+    whose requirements (`requires`) are missing here is skipped: the command
+    says why, marks the pool `skipped`, and idles until it is stopped, so the
+    rest of a Procfile or compose stack keeps running.
+    """
     app = _app_for(config_path)
     config = app.poolq_config
     pool_config = config.pool(pool)
+    client = Client(config, app=app)
+    missing = missing_requirements(pool_config)
+    if missing:
+        _skip(client, pool, f"needs {', '.join(missing)} (not installed)")
     if pool_config.worker_pool == "prefork":
         # Start at the size maintenance last scaled the pool to (it survives restarts).
-        concurrency = restored_size(Client(config, app=app).state, pool_config)
+        wait_reachable(client.state, config.state_url, _say("worker"))
+        concurrency = restored_size(client.state, pool_config)
     else:
         concurrency = 1 if pool_config.worker_pool == "solo" else pool_config.size
     argv = [
@@ -106,7 +153,42 @@ def worker(config_path: str | None, pool: str, node: str | None, loglevel: str, 
         "--without-gossip",
         *celery_args,
     ]  # fmt: skip
+    if task_loglevel:
+        _quiet_task_lines(task_loglevel)
     app.worker_main(argv)
+
+
+def _skip(client: Client, pool: str, reason: str) -> NoReturn:
+    """Say why the pool is skipped, mark it so in the registry, and idle until stopped."""
+    say = _say("worker")
+    say(f"pool {pool}: skipped, {reason}; idling until stopped")
+    wait_reachable(client.state, client.config.state_url, say)
+    if not registry.mark_skipped(client.state, pool, reason):
+        say(f"pool {pool}: another node serves it; not marked skipped")
+    _idle_until_stopped()
+
+
+def _idle_until_stopped() -> NoReturn:
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    sys.exit(0)
+
+
+def _say(command: str) -> Callable[[str], None]:
+    return lambda line: click.echo(f"poolq {command}: {line}", err=True)
+
+
+def _quiet_task_lines(level: str) -> None:
+    """Set the level of Celery's per-call log lines, after Celery sets up its logging."""
+    from celery.signals import after_setup_logger
+
+    def quiet(**_: Any) -> None:
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(level.upper())
+
+    after_setup_logger.connect(quiet, weak=False)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -159,7 +241,14 @@ def beat(config_path: str | None, loglevel: str, celery_args: tuple[str, ...]) -
     """Run Celery beat, which sends poolq's maintenance on schedule."""
     app = _app_for(config_path)
     state_dir = app.poolq_config.state_dir
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / ".writable").touch()
+    except OSError as exc:
+        raise ConfigError(
+            f"beat keeps its schedule in {state_dir.resolve()}, which it cannot write ({exc.strerror}): "
+            "set POOLQ_STATE_DIR to a writable directory"
+        ) from None
     schedule = str(state_dir / "celerybeat-schedule")
     app.start(["beat", "--schedule", schedule, "--loglevel", loglevel, *celery_args])
 
@@ -174,10 +263,67 @@ def beat(config_path: str | None, loglevel: str, celery_args: tuple[str, ...]) -
     envvar="POOLQ_FLOWER_ADDRESS",
     help="[env: POOLQ_FLOWER_ADDRESS]",
 )
+@click.option(
+    "--insecure", is_flag=True, help="Listen beyond this machine without a password (anyone there reads every call)."
+)
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
-def flower(config_path: str | None, port: int, address: str, flower_args: tuple[str, ...]) -> None:
-    """Run the Flower dashboard for this deployment."""
-    _app_for(config_path).start(["flower", f"--port={port}", f"--address={address}", *flower_args])
+def flower(config_path: str | None, port: int, address: str, insecure: bool, flower_args: tuple[str, ...]) -> None:
+    """Run the Flower dashboard for this deployment (extra arguments go to Flower).
+
+    Flower shows every call's arguments and results, and can stop workers:
+    on an address other than the loopback it needs a password (--basic-auth
+    user:password or FLOWER_BASIC_AUTH), an --auth provider (FLOWER_AUTH), or
+    --insecure.
+    """
+    if not (_loopback(address) or insecure or _flower_auth(flower_args)):
+        raise click.UsageError(
+            f"Flower on {address} would show every call's arguments to anyone who can reach it: "
+            "give --basic-auth user:password (or FLOWER_BASIC_AUTH), --auth (or FLOWER_AUTH), or --insecure"
+        )
+    from .app import create_app
+
+    _app_for(config_path)  # the environment, for Celery's command line
+    app = create_app(_config(config_path), monitor=True)
+    app.start(["flower", f"--port={port}", f"--address={address}", *flower_args])
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def _flower_auth(flower_args: tuple[str, ...]) -> bool:
+    if os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"):
+        return True
+    given = {arg.split("=", 1)[0].replace("_", "-") for arg in flower_args}
+    return bool(given & {"--basic-auth", "--auth"})
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    envvar="POOLQ_METRICS_PORT",
+    help="[env: POOLQ_METRICS_PORT]",
+)
+@click.option(
+    "--address", default="127.0.0.1", show_default=True, envvar="POOLQ_METRICS_ADDRESS",
+    help="[env: POOLQ_METRICS_ADDRESS]",
+)  # fmt: skip
+def metrics(config_path: str | None, port: int, address: str) -> None:
+    """Serve every pool's Prometheus metrics at http://ADDRESS:PORT/metrics until stopped."""
+    from .metrics import serve
+
+    server = serve(port, address, Client(_config(config_path)))
+    _say("metrics")(f"serving http://{address}:{port}/metrics")
+    try:
+        _idle_until_stopped()
+    finally:
+        server.shutdown()
 
 
 def _call_options(fn: Any) -> Any:
@@ -318,22 +464,48 @@ def stop(config_path: str | None, pool: str, timeout: float) -> None:
     click.echo(render_status(client.status(pool)))
 
 
+#: ``poolq status`` exits with this when a pool it shows is degraded.
+EXIT_DEGRADED = 3
+
+
 @main.command()
 @CONFIG_OPTION
 @click.argument("pool", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(config_path: str | None, pool: str | None, as_json: bool) -> None:
-    """Show each pool's state, counters and agents (or only POOL's)."""
+@click.option("-w", "--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, help="Seconds between redraws."
+)
+def status(config_path: str | None, pool: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    """Show each pool's state, counters and agents (or only POOL's).
+
+    Exit status: 0, or 3 when a pool shown is degraded (1 on an error).
+    """
     client = Client(_config(config_path))
     names = [pool] if pool else list(client.config.pools)
+    if watch:
+        _watch(client, names, interval)
     statuses = [client.status(name) for name in names]
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
-        return
-    for index, pool_status in enumerate(statuses):
-        if index:
-            click.echo()
-        click.echo(render_status(pool_status))
+    else:
+        click.echo("\n\n".join(render_status(s) for s in statuses))
+    if any(s.state == "degraded" for s in statuses):
+        sys.exit(EXIT_DEGRADED)
+
+
+def _watch(client: Client, names: list[str], interval: float) -> NoReturn:
+    try:
+        while True:
+            try:
+                text = "\n\n".join(render_status(client.status(name)) for name in names)
+            except PoolqError as exc:
+                text = f"poolq: {type(exc).__name__}: {exc}"
+            click.clear()
+            click.echo(f"{time.strftime('%H:%M:%S')}  every {interval:g}s  (Ctrl-C stops)\n\n{text}")
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 def render_status(s: PoolStatus) -> str:
@@ -345,6 +517,10 @@ def render_status(s: PoolStatus) -> str:
         f"  requests {c['requests']}  recycles {c['recycles']}  spawned {c['spawned']}  "
         f"terminated {c['terminated']}  scale up/down {c['scale_ups']}/{c['scale_downs']}",
     ]
+    if s.skipped_because:
+        lines.append(f"  skipped: {s.skipped_because}")
+    if s.degraded_by:
+        lines.append(f"  degraded by: {s.degraded_by}")
     if s.last_scale:
         e = s.last_scale
         lines.append(f"  last scale: {e.get('direction')} {e.get('from')} -> {e.get('to')} ({e.get('reason')})")

@@ -25,6 +25,9 @@ Environment:
     POOLQ_STATE_DIR     where ``poolq up`` keeps its files (default ``.poolq``)
     POOLQ_REDELIVERY_TIMEOUT  seconds before a dead node's calls go to another
                         (default 10; see ``[poolq] redelivery_timeout``)
+    POOLQ_SKIP_POOLS    comma-separated pools this deployment does not run
+                        (beat schedules no maintenance for them)
+    POOLQ_OBSERVERS     comma-separated ``module:Class`` observers (replaces ``[poolq] observers``)
     POOLQ_<POOL>__<KEY> override one scalar key of one pool, for example
                         ``POOLQ_ECHO__SIZE=4``
 """
@@ -210,6 +213,8 @@ class ProjectConfig(_Model):
     # Live nodes renew their calls every heartbeat (2 s), so this only bounds how
     # long a dead node's calls wait; it need not exceed any call_timeout.
     redelivery_timeout: float = Field(default=DEFAULT_REDELIVERY_TIMEOUT, ge=5, le=3600)
+    #: Import paths (``module:Class``) of :class:`poolq.Observer` subclasses every poolq process subscribes.
+    observers: list[str] = Field(default_factory=list)
 
 
 class _FileModel(_Model):
@@ -227,6 +232,9 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     env_broker_url: str | None = None
     env_state_url: str | None = None
+    #: Pools this deployment does not run (``poolq up`` skips those whose requirements are missing):
+    #: beat schedules no maintenance for them.
+    skip_pools: frozenset[str] = frozenset()
 
     @property
     def redelivery_window(self) -> float:
@@ -294,6 +302,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
 
+    if env.get("POOLQ_OBSERVERS"):
+        raw.setdefault("poolq", {})["observers"] = [p.strip() for p in env["POOLQ_OBSERVERS"].split(",") if p.strip()]
     if env.get("POOLQ_REDELIVERY_TIMEOUT"):
         raw.setdefault("poolq", {})["redelivery_timeout"] = env["POOLQ_REDELIVERY_TIMEOUT"]
     try:
@@ -320,7 +330,16 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         state_dir=Path(env.get("POOLQ_STATE_DIR") or DEFAULT_STATE_DIR),
         env_broker_url=env.get("POOLQ_BROKER_URL") or None,
         env_state_url=env.get("POOLQ_STATE_URL") or None,
+        skip_pools=_skip_pools(config_path, pools, env.get("POOLQ_SKIP_POOLS", "")),
     )
+
+
+def _skip_pools(path: Path, pools: Mapping[str, PoolConfig], value: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in value.split(",") if name.strip())
+    unknown = sorted(names - set(pools))
+    if unknown:
+        raise ConfigError(f"POOLQ_SKIP_POOLS names pools that {path} does not configure: {', '.join(unknown)}")
+    return names
 
 
 def _apply_env_overrides(

@@ -199,6 +199,8 @@ class Gate:
 
 
 def _refusal(pool: str, stats: Mapping[str, str], now: float) -> tuple[type[PoolqError], str] | None:
+    if stats.get("skipped"):
+        return PoolClosed, f"pool {pool!r} is not running: its worker skipped it ({stats['skipped']})"
     if stats.get("closed"):
         return PoolClosed, f"pool {pool!r} was stopped on purpose ({stats['closed']}); start a node to reopen it"
     if registry.breaker_open(stats, now):

@@ -279,6 +279,7 @@ class Client:
             protocol.HEADER_REPLY: effect.reply_to,
             protocol.HEADER_CALL_TIMEOUT: spec.call_timeout,
             protocol.HEADER_DEADLINE: protocol.deadline_after(spec.timeout),
+            protocol.HEADER_SENT: time.time(),
             **effect.headers,
         }
         if effect.result:

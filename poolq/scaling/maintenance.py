@@ -25,6 +25,7 @@ import uuid
 import redis
 from celery import Celery
 
+from .. import events
 from ..config import Config, PoolConfig
 from ..store import keys, queues, registry
 from . import policy
@@ -109,9 +110,12 @@ def apply(
         logger.info("pool %s: replace %s (%s)", pool.name, replace.agent_id, replace.reason)
     pipe.execute()
     if decision.scale is not None:
-        registry.record_scale(
-            state, pool.name, decision.scale.direction, view.target, decision.scale.target, decision.scale.reason, now
+        scale = decision.scale
+        registry.record_scale(state, pool.name, scale.direction, view.target, scale.target, scale.reason, now)
+        scaled = events.PoolScaled(
+            pool.name, node="", direction=scale.direction, before=view.target, after=scale.target, reason=scale.reason
         )
+        events.emit(scaled)
     if decision.scale is not None or decision.replace:
         nodes = [node.id for node in snap.nodes]
         if nodes:

@@ -139,15 +139,15 @@ def _replace(pool: PoolConfig, view: PoolView) -> list[Replace]:
     candidates: list[Replace] = []
     for agent in view.agents:
         if agent.state == "unhealthy":
-            candidates.append(Replace(agent.id, "failed health check"))
+            candidates.append(Replace(agent.id, "health: failed its health check"))
         elif agent.state == "failed":
-            candidates.append(Replace(agent.id, "setup failed"))
+            candidates.append(Replace(agent.id, "setup: its setup failed"))
         elif agent.state != "idle":
             continue
         elif pool.max_memory_mb is not None and agent.rss_mb > pool.max_memory_mb:
-            candidates.append(Replace(agent.id, f"memory {agent.rss_mb:.0f} MB > {pool.max_memory_mb:g} MB"))
+            candidates.append(Replace(agent.id, f"max_memory: {agent.rss_mb:.0f} MB (limit {pool.max_memory_mb:g} MB)"))
         elif pool.max_age is not None and agent.age_s > jittered(pool.max_age, pool.recycle_jitter, agent.id):
-            candidates.append(Replace(agent.id, f"age {agent.age_s:.0f}s > max_age {pool.max_age:g}s"))
+            candidates.append(Replace(agent.id, f"max_age: {agent.age_s:.0f}s old (limit {pool.max_age:g}s)"))
     return candidates[:1]
 
 

@@ -7,9 +7,12 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
+
+from ..config import redact
 
 #: Seconds a state Redis socket may stay silent before the client gives up on it.
 SOCKET_TIMEOUT = 10.0
@@ -37,6 +40,38 @@ def connect(url: str) -> redis.Redis:
         socket_keepalive=True,
     )
     return redis.Redis(connection_pool=pool)
+
+
+#: Longest pause, in seconds, between two tries to reach a store that is not up yet.
+WAIT_BACKOFF_MAX = 10.0
+
+
+def wait_reachable(client: redis.Redis, url: str, say: Callable[[str], None]) -> None:
+    """Return once ``client``'s server answers; until then try again with backoff (1 s up to 10 s).
+
+    Says so in one line when the server is not up, and in one more when it is.
+    A process started before its broker (``honcho start``, compose) waits
+    instead of dying, as Celery's own worker does for the broker.
+    """
+    delay, waited = 1.0, False
+    while True:
+        try:
+            client.ping()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not waited:
+                say(f"the state store {redact(url)} is not reachable ({exc}); retrying until it is")
+                waited = True
+            time.sleep(delay)
+            delay = min(delay * 2, WAIT_BACKOFF_MAX)
+            continue
+        except redis.ResponseError as exc:
+            if "LOADING" not in str(exc):
+                raise
+            time.sleep(delay)
+            continue
+        if waited:
+            say(f"the state store {redact(url)} is reachable")
+        return
 
 
 class Scripts:

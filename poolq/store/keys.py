@@ -76,6 +76,11 @@ def recycle_turn(pool: str) -> str:
     return f"{PREFIX}:pool:{pool}:recycle_turn"
 
 
+def metrics(pool: str) -> str:
+    """How long the pool's calls waited and ran, and how they ended (see :mod:`poolq.store.metrics`)."""
+    return f"{PREFIX}:pool:{pool}:metrics"
+
+
 def pool_keys(pool: str) -> list[str]:
     """Every key of one pool (not of its agents or calls): what a fresh start of the pool clears."""
     return [
@@ -86,6 +91,7 @@ def pool_keys(pool: str) -> list[str]:
         setup_failures(pool),
         maintain_lock(pool),
         recycle_turn(pool),
+        metrics(pool),
     ]
 
 

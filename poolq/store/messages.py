@@ -74,12 +74,17 @@ def encode_result(task_id: str, result: Any) -> str:
     return json.dumps({"id": task_id, "ok": result}, allow_nan=False, separators=(",", ":"))
 
 
+def error_kind(exc: BaseException) -> str:
+    """The kind a failed call's reply carries: poolq's errors have their own; any other is the agent's."""
+    return exc.kind if isinstance(exc, errors.PoolqError) and exc.kind else "agent"
+
+
 def encode_error(task_id: str, exc: BaseException, remote_traceback: str | None = None) -> str:
     """The reply for a failed call: the error's kind (any exception but poolq's is the agent's), type and traceback.
 
     ``remote_traceback``: the traceback to send; None formats ``exc``'s own.
     """
-    kind = exc.kind if isinstance(exc, errors.PoolqError) and exc.kind else "agent"
+    kind = error_kind(exc)
     remote_type = type(exc).__qualname__
     module = type(exc).__module__
     message = str(exc)

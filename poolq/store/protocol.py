@@ -46,6 +46,8 @@ HEADER_REPLY = "poolq_reply"
 HEADER_RESULT = "poolq_result"
 #: The time (epoch seconds, on the state Redis's clock) by which an agent must take the call.
 HEADER_DEADLINE = "poolq_deadline"
+#: When the client sent the call (epoch seconds, its clock): how long it waited for an agent.
+HEADER_SENT = "poolq_sent"
 #: Seconds the agent may spend on the call.
 HEADER_CALL_TIMEOUT = "poolq_call_timeout"
 #: A lease request carries its lease id and its idle TTL in seconds.

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from . import keys
+from . import keys, metrics
 from .records import AgentRecord, NodeRecord
 
 #: Seconds between two heartbeats of a live agent process.
@@ -127,6 +127,31 @@ def _remove(client: redis.Redis, key: str, members: str, member: str) -> None:
     pipe.execute()
 
 
+# KEYS: the pool's nodes set, its stats.  ARGV: node key prefix, reason.
+# Marks the pool skipped unless one of its nodes is alive.
+_MARK_SKIPPED = """
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. node) == 1 then return 0 end
+end
+redis.call('HSET', KEYS[2], 'skipped', ARGV[2])
+return 1
+"""
+
+
+def mark_skipped(client: redis.Redis, pool: str, reason: str) -> bool:
+    """Say that no node runs ``pool`` on purpose (its requirements are missing); False when a node runs it.
+
+    Calls to it fail at once with PoolClosed, and its status says ``skipped``,
+    until one of its nodes starts (:func:`reopen`).
+    """
+    return bool(client.eval(_MARK_SKIPPED, 2, keys.pool_nodes(pool), keys.stats(pool), keys.NODE_PREFIX, reason))
+
+
+def reopen(client: redis.Redis, pool: str) -> None:
+    """A node of ``pool`` starts: the pool is neither closed (``poolq stop``) nor skipped any more."""
+    client.hdel(keys.stats(pool), "closed", "skipped")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Every registry record of one pool, read at one instant."""
@@ -194,7 +219,8 @@ class Heartbeat:
     Every :data:`HEARTBEAT_INTERVAL` it refreshes the TTL of each key that
     ``keys()`` returns and writes ``fields()`` into them (in one round trip),
     calls ``republish(key)`` for a record that vanished (for example after the
-    state Redis restarted), then calls ``after()``.
+    state Redis restarted), writes this process's call metrics
+    (:data:`poolq.store.metrics.recorder`), then calls ``after()``.
     """
 
     def __init__(
@@ -236,12 +262,16 @@ class Heartbeat:
             if self._failing:
                 logger.warning("the registry is reachable again")
                 self._failing = False
-            if self._after is not None:
-                try:
+            try:
+                metrics.recorder.flush(self._client)
+                if self._after is not None:
                     self._after()
-                except Exception:
-                    logger.exception("heartbeat hook failed")
+            except Exception:
+                logger.exception("heartbeat hook failed")
 
+
+#: What :func:`setup_failed` found: the breaker stays closed, was open already, or opened now.
+BREAKER_CLOSED, BREAKER_OPEN, BREAKER_OPENED = 0, 1, 2
 
 # KEYS: failures zset, stats hash.  ARGV: now, window, threshold, reset, error, member.
 # Records a failed setup; opens the breaker when the window holds threshold failures.
@@ -251,9 +281,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARG
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
 redis.call('HSET', KEYS[2], 'last_setup_error', ARGV[5])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  local was = redis.call('HGET', KEYS[2], 'breaker')
   redis.call('HSET', KEYS[2], 'breaker', 'open', 'breaker_until', tonumber(ARGV[1]) + tonumber(ARGV[4]),
              'breaker_error', ARGV[5])
-  return 1
+  if was == 'open' then return 1 end
+  return 2
 end
 return 0
 """
@@ -261,21 +293,22 @@ return 0
 
 def setup_failed(
     client: redis.Redis, pool: str, error: str, now: float, window: float, threshold: int, reset: float, member: str
-) -> bool:
-    """Count a failed setup; True when the pool's circuit breaker is (now) open."""
-    return bool(
+) -> int:
+    """Count a failed setup; whether the pool's circuit breaker is closed, open, or opened by this failure."""
+    return int(
         client.eval(
             _SETUP_FAILED, 2, keys.setup_failures(pool), keys.stats(pool), now, window, threshold, reset, error, member
         )
     )
 
 
-def setup_succeeded(client: redis.Redis, pool: str) -> None:
-    """A setup worked: close the breaker and forget the failures."""
+def setup_succeeded(client: redis.Redis, pool: str) -> bool:
+    """A setup worked: close the breaker and forget the failures; whether the breaker was open."""
     pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.stats(pool), "breaker")
     pipe.hset(keys.stats(pool), "breaker", "closed")
     pipe.delete(keys.setup_failures(pool))
-    pipe.execute()
+    return bool(pipe.execute()[0] == "open")
 
 
 def breaker_open(stats: Mapping[str, str], now: float) -> bool:

@@ -9,7 +9,9 @@ The numbers follow poolboy's (Normandy, Jido): ``size`` base agents,
 - ``full``: no agent is free and overflow is spent (new calls wait);
 - ``degraded``: no agent can serve (none running, or every setup failed);
 - ``closed``: the pool was stopped on purpose (``poolq stop``); calls fail at
-  once with :class:`~poolq.errors.PoolClosed` until a node starts again.
+  once with :class:`~poolq.errors.PoolClosed` until a node starts again;
+- ``skipped``: no node runs it because its requirements (``requires``) are
+  missing where its worker was to run; calls fail at once with PoolClosed.
 
 An agent whose heartbeat is late shows as ``lost``: its process most likely
 died (a killed node), and it counts as neither available nor in use.
@@ -87,6 +89,8 @@ class PoolStatus:
     degraded_by: str
     last_scale: dict[str, Any] | None
     nodes: list[NodeInfo] = field(default_factory=list)
+    #: Why no node runs the pool (its state is ``skipped``).
+    skipped_because: str = ""
     agents: list[AgentInfo] = field(default_factory=list)
 
     @property
@@ -146,7 +150,9 @@ def summarize(
     max_overflow = sum(n.max_overflow for n in node_infos)
     available = sum(1 for a in agent_infos if a.state == "idle")
     in_use = sum(1 for a in agent_infos if a.state in IN_USE)
-    if stats.get("closed") and not node_infos:
+    if stats.get("skipped") and not node_infos:
+        state = "skipped"
+    elif stats.get("closed") and not node_infos:
         state = "closed"
     elif registry.breaker_open(stats, now) or not any(a.state in SERVING for a in agent_infos):
         state = "degraded"
@@ -174,6 +180,7 @@ def summarize(
         counters={name: _int(stats.get(name)) for name in COUNTERS},
         last_scale=last_scale,
         nodes=sorted(node_infos, key=lambda n: n.id),
+        skipped_because=stats.get("skipped", "") if state == "skipped" else "",
         agents=sorted(agent_infos, key=lambda a: (a.node, a.name)),
     )
 

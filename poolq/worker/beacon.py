@@ -47,8 +47,7 @@ class NodeBeacon:
     def start(self) -> None:
         self.publish()
         try:
-            # A node that starts reopens a pool stopped on purpose (poolq stop).
-            self.state.hdel(keys.stats(self.pool.name), "closed")
+            registry.reopen(self.state, self.pool.name)
         except redis.RedisError:
             logger.warning("could not reopen pool %s", self.pool.name)
         self.heartbeat.start()

@@ -33,6 +33,7 @@ import redis
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
+from .. import events
 from ..errors import InvalidPayload
 from ..store import connection, keys, messages, protocol
 from .runtime import owner_alive
@@ -125,7 +126,15 @@ class Guard:
         headers = message.headers or {}
         task_id = str(headers.get("id", ""))
         logger.error("refusing call %s: %s", task_id, problem)
-        error = messages.encode_error(task_id, InvalidPayload(f"call {task_id}: {problem}"), "")
+        refused = InvalidPayload(f"call {task_id}: {problem}")
+        error = messages.encode_error(task_id, refused, "")
+        op = str(headers.get(protocol.HEADER_OP) or "handle")
+        events.emit(
+            events.CallFailed(
+                self.pool, op=op, agent="", task_id=task_id, duration_s=0.0, kind=refused.kind,
+                error_type="InvalidPayload", message=problem, ran=False,
+            )
+        )  # fmt: skip
         try:
             reply_to = str(headers.get(protocol.HEADER_REPLY) or keys.reply(task_id))
             protocol.finish(

@@ -40,11 +40,12 @@ from typing import Any
 import redis
 from billiard.process import current_process
 
+from .. import events
 from ..agent import Agent, load_agent_class
 from ..config import PoolConfig
 from ..errors import AgentUnavailable
 from ..scaling.policy import jittered
-from ..store import keys, names, registry
+from ..store import keys, metrics, names, registry
 from . import limits, recycling
 from .slot import SETUP_RETRY_MIN, AgentSlot
 from .usage import CpuWindow, rss_mb
@@ -147,6 +148,8 @@ class AgentHost:
             except redis.RedisError:
                 logger.warning("could not remove %s from the registry", slot.agent_id)
             logger.info("agent %s (%s) stopped", slot.name, slot.agent_id)
+        with contextlib.suppress(redis.RedisError):
+            metrics.recorder.flush(self.state)  # the calls since the last heartbeat
 
     @contextmanager
     def checkout(self) -> Iterator[AgentSlot]:
@@ -176,7 +179,7 @@ class AgentHost:
                 self._setup(slot)
         elif slot.state == "unhealthy" or not self.healthy(slot):
             # Checked before every call: an unhealthy agent never serves one.
-            self.recycle(slot, "failed health check")
+            self.recycle(slot, "health: failed its health check")
         if slot.agent is None:
             raise AgentUnavailable(f"agent {slot.name} is unavailable: setup failed: {slot.setup_error}")
         return slot.agent
@@ -232,6 +235,7 @@ class AgentHost:
             self._publish(slot)
             return
         logger.info("recycling agent %s: %s", slot.name, reason)
+        old_name = slot.name
         slot.state = "recycling"
         slot.recycles += 1
         self._publish(slot)
@@ -245,11 +249,17 @@ class AgentHost:
                 # Teardown did not give the memory back: only a new process will.
                 # It takes no more work: it is retired once this call is done.
                 logger.warning("agent %s: %.0f MB after teardown; retiring its process", slot.name, rss_mb())
-                self._mark_for_replacement(slot, f"memory over {memory:g} MB after teardown")
+                left = f"max_memory: over {memory:g} MB after teardown"
+                self._mark_for_replacement(slot, left)
                 if self.retire is not None:
-                    slot.replacing = f"memory over {memory:g} MB after teardown"
+                    slot.replacing = left
                     self.retire(slot.slot_id, slot.recycles, slot.replacing)
         self._setup(slot)
+        events.emit(
+            events.AgentRecycled(
+                self.pool.name, agent=old_name, trigger=recycling.trigger_of(reason), reason=reason, warm=False
+            )
+        )
 
     # -- internals ---------------------------------------------------------
 
@@ -357,8 +367,10 @@ class AgentHost:
         pool = self.pool
         try:
             if ok:
-                registry.setup_succeeded(self.state, pool.name)
-            elif registry.setup_failed(
+                if registry.setup_succeeded(self.state, pool.name):
+                    events.emit(events.PoolRecovered(pool.name))
+                return
+            breaker = registry.setup_failed(
                 self.state,
                 pool.name,
                 slot.setup_error,
@@ -367,10 +379,13 @@ class AgentHost:
                 pool.breaker_failures,
                 pool.breaker_reset,
                 member=f"{slot.agent_id}#{time.time()}",
-            ):
-                logger.error("pool %s is degraded: setup keeps failing (%s)", pool.name, slot.setup_error)
+            )
         except redis.RedisError:
             logger.warning("could not record the setup of %s", slot.name, exc_info=True)
+            return
+        if breaker == registry.BREAKER_OPENED:
+            logger.error("pool %s is degraded: setup keeps failing (%s)", pool.name, slot.setup_error)
+            events.emit(events.PoolDegraded(pool.name, error=slot.setup_error))
 
     def _teardown(self, slot: AgentSlot) -> None:
         agent, slot.agent = slot.agent, None
@@ -401,7 +416,7 @@ class AgentHost:
                 if health_due and not self.healthy(slot):
                     logger.warning("agent %s failed its health check while idle", slot.name)
                     slot.state = "unhealthy"
-                    self._mark_for_replacement(slot, "failed health check")
+                    self._mark_for_replacement(slot, "health: failed its health check while idle")
                 elif self.retire is not None and (reason := recycling.limit_reached(self.pool, slot, self.cpu)):
                     self.replace(slot, reason)  # a warm replacement, asked from here: no call needed
             finally:

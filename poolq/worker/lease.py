@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from .. import events
 from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
 from ..store import keys, messages, protocol, registry
 from . import limits
@@ -38,6 +39,7 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
     _set_state(state, slot, "leased", lease_id)
     _push(state, replies, ttl, messages.lease_grant(slot.agent_id, slot.name))
     logger.info("agent %s leased (%s)", slot.name, lease_id)
+    events.emit(events.LeaseStarted(runtime.pool.name, agent=slot.name, lease_id=lease_id))
     ended, broken, served = "expired", True, slot.requests
     try:
         while True:
@@ -57,6 +59,15 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
     finally:
         state.delete(requests)
         registry.count(state, runtime.pool.name, requests=slot.requests - served)
+        ended_event = events.LeaseEnded(
+            runtime.pool.name,
+            agent=slot.name,
+            lease_id=lease_id,
+            ended=ended,
+            broken=broken,
+            calls=slot.requests - served,
+        )
+        events.emit(ended_event)
     return ended, broken
 
 
@@ -64,13 +75,26 @@ def _run(
     runtime: Any, slot: AgentSlot, agent: Any, request: messages.LeaseRequest, lease_id: str, ttl: float
 ) -> tuple[str, str | None]:
     """Run one request; its reply, and why the lease must end (or None)."""
+    op, call_id, pool = request.op or "handle", f"{lease_id}/{request.seq}", runtime.pool.name
+    started = time.monotonic()
+
+    def failed(exc: BaseException, ran: bool = True) -> None:
+        kind, duration = messages.error_kind(exc), time.monotonic() - started
+        event = events.CallFailed(
+            pool, op=op, agent=slot.name, task_id=call_id, duration_s=duration, kind=kind,
+            error_type=type(exc).__name__, message=str(exc)[:500], ran=ran,
+        )  # fmt: skip
+        events.emit(event)
+
     try:
         operation = agent.bind(request.op, request.args, request.kwargs)
     except (UnknownOperation, InvalidArguments) as exc:
+        failed(exc, ran=False)
         return messages.encode_error("", exc, ""), None
     slot.requests += 1
     slot.last_used_at = time.time()
-    timeout = CallTimeout(f"lease call {request.seq} ({request.op or 'handle'}) ran past its call_timeout")
+    events.emit(events.CallStarted(pool, op=op, agent=slot.name, task_id=call_id, queued_s=0.0))
+    timeout = CallTimeout(f"lease call {request.seq} ({op}) ran past its call_timeout")
     replies = keys.lease_replies(lease_id)
 
     def report_stuck() -> None:
@@ -86,25 +110,37 @@ def _run(
             hard=runtime.hard_limits,
         ):
             result = operation()
-        return messages.encode_result("", result), None
     except limits.CallDeadline:
+        failed(timeout)
         return messages.encode_error("", timeout, ""), "call_timeout"
     except Exception as exc:
+        failed(exc)
         healthy = runtime.host.healthy(slot)
         return messages.encode_error("", exc, None), None if healthy else "unhealthy"
+    try:
+        reply = messages.encode_result("", result)
+    except (TypeError, ValueError, RecursionError) as exc:
+        error = TypeError(f"{op}() returned a value that is not plain JSON: {exc}")
+        failed(error)
+        return messages.encode_error("", error, ""), None
+    succeeded = events.CallSucceeded(
+        pool, op=op, agent=slot.name, task_id=call_id, duration_s=time.monotonic() - started
+    )
+    events.emit(succeeded)
+    return reply, None
 
 
 def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:
     """Make a leased agent fit for the next caller: reset it, or recycle it when the lease ended broken."""
     if broken:
-        runtime.host.recycle(slot, f"lease ended: {ended}")
+        runtime.host.recycle(slot, f"lease: ended {ended}")
     else:
         try:
             if slot.agent is not None:
                 slot.agent.reset()
         except Exception:
             logger.exception("reset of agent %s failed", slot.name)
-            runtime.host.recycle(slot, "reset failed")
+            runtime.host.recycle(slot, "reset: reset() raised")
     if slot.agent is not None:
         _set_state(runtime.state, slot, "idle", "")
     logger.info("lease of agent %s ended: %s", slot.name, ended)

@@ -13,6 +13,19 @@ from ..store import keys
 from .slot import AgentSlot
 from .usage import CpuWindow, rss_mb
 
+#: What can set a recycle off. Every recycle reason starts with one of them and a colon.
+TRIGGERS = (
+    "max_requests",
+    "max_age",
+    "max_memory",
+    "max_cpu",
+    "health",  # failed its health check (idle, before a call, or after it raised)
+    "call_timeout",  # interrupted mid-operation
+    "lease",  # a lease ended broken
+    "reset",  # reset() raised
+    "setup",  # maintenance replaces an agent whose setup failed
+)
+
 #: Seconds the pool-wide turn to recycle in place is held at most (a recycle that dies frees it then).
 RECYCLE_TURN_MAX = 600.0
 
@@ -23,16 +36,22 @@ _GIVE_TURN = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('D
 def limit_reached(pool: PoolConfig, slot: AgentSlot, cpu: CpuWindow | None) -> str:
     """Why the agent must be replaced (requests, age, memory, CPU), or '' when it need not."""
     if slot.requests >= slot.requests_limit:
-        return f"{slot.requests} requests (max_requests {pool.max_requests})"
+        return f"max_requests: {slot.requests} requests (limit {pool.max_requests})"
     if time.time() - slot.started_at >= slot.age_limit:
-        return f"age over max_age {pool.max_age:g}s"
+        return f"max_age: older than {pool.max_age:g}s"
     if pool.max_memory_mb is not None and rss_mb() > pool.max_memory_mb:
-        return f"memory {rss_mb():.0f} MB over max_memory_mb {pool.max_memory_mb:g}"
+        return f"max_memory: {rss_mb():.0f} MB (limit {pool.max_memory_mb:g} MB)"
     if cpu is not None and pool.max_cpu_percent is not None:
         used = cpu.average()
         if used is not None and used > pool.max_cpu_percent:
-            return f"CPU {used:.0f}% over max_cpu_percent {pool.max_cpu_percent:g} for {pool.cpu_window:g}s"
+            return f"max_cpu: {used:.0f}% for {pool.cpu_window:g}s (limit {pool.max_cpu_percent:g}%)"
     return ""
+
+
+def trigger_of(reason: str) -> str:
+    """What set a recycle off: the word before the colon of its reason (see :data:`TRIGGERS`), else 'other'."""
+    word = reason.partition(":")[0].strip()
+    return word if word in TRIGGERS else "other"
 
 
 @contextlib.contextmanager

@@ -13,13 +13,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject
 
+from .. import events
 from ..config import Config, PoolConfig
 from ..errors import (
     AgentCrashed,
@@ -97,9 +98,9 @@ def current() -> Runtime | None:
     return _runtime
 
 
-@dataclass(frozen=True)
+@dataclass
 class Call:
-    """One call as the worker sees it (from the task message's headers)."""
+    """One call as the worker sees it (from the task message's headers), and when it got here."""
 
     task_id: str
     op: str | None
@@ -111,6 +112,15 @@ class Call:
     call_timeout: float | None = None
     lease: str | None = None
     lease_ttl: float = 0.0
+    #: When the client sent it (epoch seconds, the client's clock); None from an older client.
+    sent: float | None = None
+    #: When this process took the message, and when its operation started (monotonic).
+    received: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+    @property
+    def operation(self) -> str:
+        return self.op or "handle"
 
     @classmethod
     def from_request(cls, request: Any) -> Call:
@@ -127,6 +137,7 @@ class Call:
             call_timeout=float(call_timeout) if call_timeout else None,
             lease=header(protocol.HEADER_LEASE) or None,
             lease_ttl=float(header(protocol.HEADER_LEASE_TTL) or 0),
+            sent=_number(header(protocol.HEADER_SENT)),
         )
 
 
@@ -224,7 +235,12 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
 
     slot.requests += 1
     slot.last_used_at = time.time()
-    timeout = CallTimeout(f"call {call.task_id} ({call.op or 'handle'}) ran past its call_timeout")
+    call.started = time.monotonic()
+    queued = max(0.0, time.time() - call.sent) if call.sent is not None else 0.0
+    events.emit(
+        events.CallStarted(runtime.pool.name, op=call.operation, agent=slot.name, task_id=call.task_id, queued_s=queued)
+    )
+    timeout = CallTimeout(f"call {call.task_id} ({call.operation}) ran past its call_timeout")
 
     def report_stuck() -> None:
         # From the watchdog, just before it ends this process.
@@ -238,24 +254,29 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
     except limits.CallDeadline:
         _fail(runtime, slot, call, timeout, ran=True, agent_state="recycling")
         # The agent was interrupted mid-operation: never hand it out again as is.
-        runtime.host.recycle(slot, "call timed out")
+        runtime.host.recycle(slot, "call_timeout: interrupted mid-operation")
         raise timeout from None
     except Exception as exc:
         _fail(runtime, slot, call, exc, with_traceback=True, ran=True)
         # An agent that raised stays in service unless its health says otherwise.
         if not runtime.host.healthy(slot):
-            runtime.host.recycle(slot, f"unhealthy after {type(exc).__name__}")
+            runtime.host.recycle(slot, f"health: unhealthy after {type(exc).__name__}")
         else:
             runtime.host.after_call(slot)
         raise
     try:
         reply = messages.encode_result(call.task_id, result)
     except (TypeError, ValueError, RecursionError) as exc:
-        error = TypeError(f"{call.op or 'handle'}() returned a value that is not plain JSON: {exc}")
+        error = TypeError(f"{call.operation}() returned a value that is not plain JSON: {exc}")
         _fail(runtime, slot, call, error, ran=True)
         runtime.host.after_call(slot)
         raise error from None
     _finish(runtime, slot, call, reply, ran=True)
+    events.emit(
+        events.CallSucceeded(
+            runtime.pool.name, op=call.operation, agent=slot.name, task_id=call.task_id, duration_s=_since(call)
+        )
+    )
     # Busy agents recycle right after the call that reached a limit, before the
     # process takes more work (the reply is already on its way).
     runtime.host.after_call(slot)
@@ -275,6 +296,31 @@ def _fail(
     _finish(runtime, slot, call, error, ran, agent_state)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
+    events.emit(
+        events.CallFailed(
+            runtime.pool.name,
+            op=call.operation,
+            agent=slot.name,
+            task_id=call.task_id,
+            duration_s=_since(call),
+            kind=messages.error_kind(exc),
+            error_type=type(exc).__name__,
+            message=str(exc)[:500],
+            ran=call.started is not None,
+        )
+    )
+
+
+def _since(call: Call) -> float:
+    """Seconds the call's operation has run (since its delivery, if it never started)."""
+    return time.monotonic() - (call.started if call.started is not None else call.received)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool, agent_state: str = "idle") -> None:

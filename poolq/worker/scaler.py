@@ -30,10 +30,12 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
+from .. import events
 from ..config import PoolConfig
 from ..scaling import node
 from ..scaling.node import Grow, GrowReplacement, NodePlan, NodeView, Replacement, RequestMaintenance, RetireReplaced
 from ..store import keys, registry
+from . import recycling
 
 logger = logging.getLogger("poolq.worker")
 
@@ -304,6 +306,7 @@ class NodeScaler:
                 self.processes.retire(pid)
             self.plan.replacing = None
             return
+        name = self._agent_name(job.pid)
         retired = self.processes.retire(job.pid)
         if retired is None:
             return  # busy: retired when its call ends (process_finished)
@@ -311,6 +314,14 @@ class NodeScaler:
         if retired:
             registry.count(self.state, self.pool.name, recycles=1)
             logger.info("node %s: process %d replaced, warm first (%s)", self.node, job.pid, job.reason)
+            trigger = recycling.trigger_of(job.reason)
+            events.emit(events.AgentRecycled(self.pool.name, agent=name, trigger=trigger, reason=job.reason, warm=True))
+
+    def _agent_name(self, pid: int) -> str:
+        try:
+            return str(self.state.hget(keys.agent(f"{self.pool.name}@{self.hostname}:{pid}"), "name") or pid)
+        except redis.RedisError:
+            return str(pid)
 
     def _replacement_serves(self, job: Replacement) -> bool:
         try:
@@ -336,4 +347,8 @@ class NodeScaler:
             registry.record_scale(self.state, self.pool.name, direction, before, after, reason, time.time(), self.node)
         except redis.RedisError:
             logger.warning("could not record the scale event", exc_info=True)
+        scaled = events.PoolScaled(
+            self.pool.name, node=self.node, direction=direction, before=before, after=after, reason=reason
+        )
+        events.emit(scaled)
         return delta

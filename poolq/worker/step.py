@@ -31,6 +31,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
+from .. import events
 from ..agent import load_agent_class
 from ..app import CONTROL_QUEUE, MAINTAIN_TASK
 from ..config import Config, PoolConfig
@@ -93,6 +94,8 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         global _node
         super().__init__(worker, **kwargs)
         config: Config = worker.app.poolq_config
+        # Before the fork: every process of the worker hears its events.
+        events.load(config.project.observers)
         pool = serving_pool(config, list(worker.app.amqp.queues.consume_from or {}))
         self.node: Node | None = None
         if pool is None:

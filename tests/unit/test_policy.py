@@ -129,10 +129,10 @@ def test_replace_one_idle_agent_at_a_time() -> None:
 @pytest.mark.parametrize(
     ("agent", "keys", "reason"),
     [
-        (AgentView("a", "n", "unhealthy", 1), {}, "failed health check"),
-        (AgentView("a", "n", "failed", 1), {}, "setup failed"),
-        (AgentView("a", "n", "idle", 1, rss_mb=900), {"max_memory_mb": 512}, "memory 900 MB > 512 MB"),
-        (AgentView("a", "n", "idle", 120), {"max_age": 60, "recycle_jitter": 0}, "age 120s > max_age 60s"),
+        (AgentView("a", "n", "unhealthy", 1), {}, "health: failed its health check"),
+        (AgentView("a", "n", "failed", 1), {}, "setup: its setup failed"),
+        (AgentView("a", "n", "idle", 1, rss_mb=900), {"max_memory_mb": 512}, "max_memory: 900 MB (limit 512 MB)"),
+        (AgentView("a", "n", "idle", 120), {"max_age": 60, "recycle_jitter": 0}, "max_age: 120s old (limit 60s)"),
     ],
 )
 def test_replacement_reasons(agent: AgentView, keys: dict[str, Any], reason: str) -> None:
