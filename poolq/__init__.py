@@ -9,6 +9,7 @@ Example::
     handle.result(timeout=10)
 """
 
+from . import events
 from .agent import Agent, operation
 from .client import (
     Arguments,
@@ -56,6 +57,7 @@ from .errors import (
     UnknownOperation,
     UnknownPool,
 )
+from .events import Observer, subscribe, unsubscribe
 from .store.status import AgentInfo, NodeInfo, PoolStatus
 from .version import VERSION
 
@@ -88,6 +90,11 @@ __all__ = [
     # agent
     "Agent",
     "operation",
+    # events
+    "events",
+    "Observer",
+    "subscribe",
+    "unsubscribe",
     # config
     "Config",
     "PoolConfig",
