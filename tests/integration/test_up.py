@@ -80,6 +80,9 @@ def test_up_on_a_machine_without_a_broker(project: Path) -> None:
         broker_pid = int((project / ".poolq" / "broker.pid").read_text())
         children = [int(pid) for pid in re.findall(r"started \S+ \(pid (\d+)\)", log)]
         assert len(children) >= 3  # a worker per runnable pool, beat, flower
+        assert "metrics http://127.0.0.1:" in log
+        assert " succeeded in " not in log  # Celery's per-task lines are at WARNING by default
+        broker_url = (project / ".poolq" / "broker.url").read_text()
 
         # Then Ctrl-C stops every process it started, the broker last
         up.send_signal(signal.SIGINT)
@@ -87,6 +90,11 @@ def test_up_on_a_machine_without_a_broker(project: Path) -> None:
         for pid in [*children, broker_pid]:
             assert not alive(pid), pid
         assert not (project / ".poolq" / "broker.url").exists()
+
+    # A second run in the same directory comes back on the same port: web apps keep their URL.
+    with _up(project, env, "--no-flower", "--no-beat", "--no-metrics") as up:
+        assert _call_until_answered(project, env, up)["text"] == "hi"
+        assert (project / ".poolq" / "broker.url").read_text() == broker_url
 
 
 def test_up_uses_the_configured_broker(project: Path, poolq_broker: str) -> None:

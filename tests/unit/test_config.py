@@ -149,3 +149,30 @@ def test_state_redis_defaults_to_a_redis_broker_and_is_required_otherwise(tmp_pa
 def test_unknown_pool_lists_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(UnknownPool, match=r"no pool named 'nope' in .* \(configured: echo, other, threaded\)"):
         load_config(write(tmp_path, GOOD), env={}).pool("nope")
+
+
+def test_skipped_pools_get_no_maintenance_from_beat(tmp_path: Path) -> None:
+    from poolq.app import celery_settings
+
+    path = tmp_path / "pools.toml"
+    path.write_text(GOOD)
+    config = load_config(path, env={"POOLQ_BROKER_URL": "redis://127.0.0.1:6379/0", "POOLQ_SKIP_POOLS": "other"})
+    assert config.skip_pools == {"other"}
+    schedule = celery_settings(config)["beat_schedule"]
+    assert {entry["args"] for entry in schedule.values()} == {("echo",), ("threaded",)}
+
+
+def test_skipping_an_unknown_pool_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError, match="nosuch"):
+        load_config(path, env={"POOLQ_BROKER_URL": "redis://127.0.0.1:6379/0", "POOLQ_SKIP_POOLS": "echo,nosuch"})
+
+
+def test_observers_come_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(GOOD.replace("result_expires = 600", 'result_expires = 600\nobservers = ["a.b:C"]'))
+    env = {"POOLQ_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    assert load_config(path, env=env).project.observers == ["a.b:C"]
+    env["POOLQ_OBSERVERS"] = "x.y:Z, u.v:W"
+    assert load_config(path, env=env).project.observers == ["x.y:Z", "u.v:W"]
