@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import redis
@@ -11,6 +14,21 @@ import redis
 from poolq.testing import PoolFactory
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The RabbitMQ of the RabbitMQ tests (CI and this project's machines run one on 5672).
+AMQP_URL = os.environ.get("POOLQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _reachable(url: str) -> bool:
+    parts = urlparse(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+#: Marks a module or test that needs RabbitMQ: skipped, with the reason printed, where none listens.
+needs_rabbitmq = pytest.mark.skipif(not _reachable(AMQP_URL), reason=f"no RabbitMQ at {AMQP_URL}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,5 +56,13 @@ def state(poolq_broker: str) -> Iterator[redis.Redis]:
 def module_pools(poolq_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolFactory]:
     """A pool factory whose workers live for the whole test module."""
     factory = PoolFactory(poolq_broker, tmp_path_factory.mktemp("pools"), pythonpath=[str(ROOT)])
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def rabbit(poolq_broker: str, tmp_path: Path) -> Iterator[PoolFactory]:
+    """Nodes on RabbitMQ, with the test's Redis as their state store."""
+    factory = PoolFactory(AMQP_URL, tmp_path, pythonpath=[str(ROOT)], state_url=poolq_broker)
     yield factory
     factory.stop_all()

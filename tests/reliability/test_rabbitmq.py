@@ -3,50 +3,26 @@
 RabbitMQ hands a consumer's unacknowledged messages to another as soon as its
 connection closes: a killed node's calls run again at once. Skipped, with the
 reason printed, where no RabbitMQ listens on 127.0.0.1:5672 (guest/guest, or
-``POOLQ_TEST_AMQP_URL``).
+``POOLQ_TEST_AMQP_URL``); the fixture ``rabbit`` is in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 
 from poolq import AgentCrashed, InvalidPayload
 from poolq.testing import PoolFactory
-from tests.conftest import ROOT
+from tests.conftest import needs_rabbitmq
 from tests.reliability.agents import Ledger
 from tests.reliability.conftest import AGENT, kill_node
 
-AMQP_URL = os.environ.get("POOLQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def _reachable(url: str) -> bool:
-    parts = urlparse(url)
-    try:
-        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2).close()
-    except OSError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _reachable(AMQP_URL), reason=f"no RabbitMQ at {AMQP_URL}")
-
-
-@pytest.fixture
-def rabbit(poolq_broker: str, tmp_path: Path) -> Iterator[PoolFactory]:
-    """Nodes on RabbitMQ, with the test's Redis as their state store."""
-    factory = PoolFactory(AMQP_URL, tmp_path, pythonpath=[str(ROOT)], state_url=poolq_broker)
-    yield factory
-    factory.stop_all()
+pytestmark = needs_rabbitmq
 
 
 def test_calls_casts_leases_and_status_on_rabbitmq(rabbit: PoolFactory, ledger: Ledger) -> None:
