@@ -21,7 +21,7 @@ A hook that raises is logged and ignored.
 
 Two observers are always there: :class:`LogObserver` (one line per event on
 the ``poolq.events`` logger: calls at DEBUG, the rest at INFO) and the
-metrics recorder (:mod:`poolq.worker.metrics`), which ``/metrics`` reads.
+metrics recorder (:mod:`poolq.store.metrics`), which ``/metrics`` reads.
 """
 
 from __future__ import annotations
@@ -189,11 +189,12 @@ class Observer:
 
 
 class LogObserver(Observer):
-    """One structured line per event: ``event=call_failed pool=echo op=upper agent=brave-otter ...``."""
+    """One structured line per event: ``event=call_failed pool=echo op=upper agent=brave-otter ...`` (no ``at``)."""
 
     def handle(self, event: Event) -> None:
         if logger.isEnabledFor(event.level):
-            fields = " ".join(f"{key}={_show(value)}" for key, value in asdict(event).items() if key != "pool")
+            shown = {key: value for key, value in asdict(event).items() if key not in ("pool", "at")}
+            fields = " ".join(f"{key}={_show(value)}" for key, value in shown.items())
             logger.log(event.level, "event=%s pool=%s %s", event.hook, event.pool, fields)
 
 
