@@ -1,8 +1,9 @@
 """The Celery app: every Celery setting poolq uses, in one place.
 
-``celery -A poolq.app worker|beat|flower`` finds the app here; it is built
+``celery -A poolq.app worker|beat|inspect`` finds the app here; it is built
 from the configuration on first access, so importing this module reads no
-file.
+file. Run Flower with ``poolq flower``: its app keeps kombu's own Redis
+transport, the only one whose queue depth Flower can read (``monitor=True``).
 """
 
 from __future__ import annotations

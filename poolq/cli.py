@@ -283,8 +283,17 @@ def flower(config_path: str | None, port: int, address: str, insecure: bool, flo
     from .app import create_app
 
     _app_for(config_path)  # the environment, for Celery's command line
+    if _loopback(address) and not _flower_auth(flower_args):
+        # The pages are open to this machine already; let its API be too (Flower refuses it otherwise).
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    if not (_given(flower_args, "--tasks-columns") or os.environ.get("FLOWER_TASKS_COLUMNS")):
+        flower_args = (f"--tasks-columns={FLOWER_TASKS_COLUMNS}", *flower_args)
     app = create_app(_config(config_path), monitor=True)
     app.start(["flower", f"--port={port}", f"--address={address}", *flower_args])
+
+
+#: Flower's task list, with the arguments and the result (which names the agent) that it hides by default.
+FLOWER_TASKS_COLUMNS = "name,uuid,state,args,kwargs,result,received,runtime,worker"
 
 
 def _loopback(address: str) -> bool:
@@ -297,8 +306,11 @@ def _loopback(address: str) -> bool:
 def _flower_auth(flower_args: tuple[str, ...]) -> bool:
     if os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"):
         return True
-    given = {arg.split("=", 1)[0].replace("_", "-") for arg in flower_args}
-    return bool(given & {"--basic-auth", "--auth"})
+    return _given(flower_args, "--basic-auth") or _given(flower_args, "--auth")
+
+
+def _given(flower_args: tuple[str, ...], option: str) -> bool:
+    return any(arg.split("=", 1)[0].replace("_", "-") == option for arg in flower_args)
 
 
 @main.command()

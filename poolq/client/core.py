@@ -147,6 +147,16 @@ class CallSpec:
     block: bool = True
 
 
+def shown_name(spec: CallSpec, lease: bool = False) -> str:
+    """The call's name in Celery's logs and events (Flower's task name): ``poolq.<pool>.<op>``.
+
+    ``op`` is ``handle`` when none was given, ``lease`` for the message that
+    takes a lease. It travels as Celery's ``shadow``: the message still names
+    the pool's task, which the worker looks up and runs.
+    """
+    return f"{spec.pool.task_name}.{'lease' if lease else spec.op or 'handle'}"
+
+
 def admit(
     config: Config, pool: str, args: tuple[Any, ...], keywords: Mapping[str, Any], queue_forever: bool = False
 ) -> CallSpec:

@@ -5,7 +5,7 @@ The call path, top to bottom (the steps are :func:`poolq.client.core.call`)::
     call(pool, *args, **keywords)
       -> check pool, options, payload                (typed errors, nothing sent)
       -> the pool open? (closed, degraded: refused)  (its state read once a second)
-      -> Celery send_task to queue poolq.<pool>      (headers: reply list, deadline)
+      -> Celery send_task to queue poolq.<pool>      (headers: reply list, deadline; shown as poolq.<pool>.<op>)
       -> BLPOP poolq:reply:<id> until the deadline
          -> nothing yet: try to claim the call as given up
             -> won: CheckoutTimeout (the call will never run)
@@ -270,6 +270,12 @@ class Client:
         not in Celery's ``expires``: Celery drops an expired message unseen,
         even a call an agent already started and that must be taken over after a crash.
 
+        Celery's ``shadow`` names the call ``poolq.<pool>.<op>`` in its logs
+        and events (Flower), while the message still names the pool's task.
+        Its ``argsrepr`` and ``kwargsrepr`` (what logs and Flower show of the
+        arguments) stay Celery's own: the operation's arguments, cut at
+        1024 characters each; poolq's options travel in headers, never shown.
+
         Raises:
             BrokerUnavailable: the broker stayed unreachable for about a second.
         """
@@ -290,6 +296,7 @@ class Client:
                 args=spec.args,
                 kwargs=spec.kwargs,
                 task_id=effect.task_id,
+                shadow=core.shown_name(spec, lease=protocol.HEADER_LEASE in effect.headers),
                 queue=spec.pool.queue,
                 routing_key=spec.pool.queue,
                 headers=headers,

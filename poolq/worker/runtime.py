@@ -4,6 +4,12 @@ The Celery task of every pool is a thin shell around :func:`run_call`: the
 task message brings the arguments, and this module claims the call, lends an
 agent, runs the operation within its limits and finishes the call in one
 more round trip (reply, claim closed, agent idle).
+
+The caller's result travels through poolq's own keys (the reply list, and a
+cast's result key), never through Celery. What the task returns is only what
+Celery shows: its ``succeeded`` log line and the ``task-succeeded`` event
+(Flower's *result*). It is :func:`summary`, which names the pool, the
+operation and the agent, and carries none of the call's data.
 """
 
 from __future__ import annotations
@@ -141,8 +147,8 @@ class Call:
         )
 
 
-def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run one call of ``task``'s pool on an agent of this process."""
+def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Run one call of ``task``'s pool on an agent of this process; its :func:`summary` for Celery."""
     runtime = _runtime
     if runtime is None:
         raise RuntimeError("poolq: this worker process hosts no agent (is it started by `poolq worker POOL`?)")
@@ -155,13 +161,14 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 # its client has lost that agent's state and hears LeaseLost.
                 if attempt > 1:
                     _finish(runtime, slot, call, "", ran=False)
-                    return {"lease": call.lease, "ended": "agent died"}
+                    return summary(runtime.pool, call, slot.name, ended="agent died")
                 ended, broken = lease.serve(runtime, slot, call.lease, call.lease_ttl)
+                served_by = slot.name  # before a recycle renames the slot
                 _finish(runtime, slot, call, "", ran=False, agent_state="recycling" if broken else "idle")
                 lease.end(runtime, slot, ended, broken)
                 runtime.host.after_call(slot)
-                return {"lease": call.lease, "ended": ended}
-            return _invoke(runtime, slot, call, list(args), kwargs)
+                return summary(runtime.pool, call, served_by, ended=ended)
+            return summary(runtime.pool, call, _invoke(runtime, slot, call, list(args), kwargs))
         except (Ignore, Reject):
             raise
         except Exception as exc:
@@ -170,6 +177,22 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 with contextlib.suppress(redis.RedisError):
                     _fail(runtime, slot, call, exc, with_traceback=True)
             raise
+
+
+def summary(pool: PoolConfig, call: Call, agent: str, **more: str) -> dict[str, Any]:
+    """What the Celery task returns: which pool, operation and agent served the call (a lease: its id too).
+
+    Celery puts it, as a repr of at most ``resultrepr_maxsize`` characters,
+    in its log line and in the ``task-succeeded`` event, which Flower shows
+    as the task's result. The call's result is not in it: the caller has it
+    already, and logs and dashboards need not.
+    """
+    shown: dict[str, Any] = {"pool": pool.name, "op": "lease" if call.lease else call.operation}
+    if call.lease:
+        shown["lease"] = call.lease
+    shown["agent"] = agent
+    shown.update(more)
+    return shown
 
 
 def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
@@ -214,7 +237,8 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
     return attempts
 
 
-def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwargs: dict[str, Any]) -> Any:
+def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwargs: dict[str, Any]) -> str:
+    """Run the operation and send its reply (its error: raised again, for Celery); the name of the agent that ran it."""
     try:
         agent = runtime.host.ensure_ready(slot)
         operation = agent.bind(call.op, args, kwargs)
@@ -233,6 +257,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         _fail(runtime, slot, call, exc)
         raise
 
+    served_by = slot.name  # before a recycle after the call renames the slot
     slot.requests += 1
     slot.last_used_at = time.time()
     call.started = time.monotonic()
@@ -280,7 +305,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
     # Busy agents recycle right after the call that reached a limit, before the
     # process takes more work (the reply is already on its way).
     runtime.host.after_call(slot)
-    return result
+    return served_by
 
 
 def _fail(

@@ -88,7 +88,8 @@ def test_agent_names_are_looked_up_by_host_and_pid(poolq_pools: PoolFactory, poo
     answer = pool.client.call("named")
     assert answer["agent"] in {a.name for a in pool.client.status("named").agents}  # the agent knows its name
     # Celery's log lines from the agent's process carry its name
-    pool.wait_for(lambda: f"/{answer['agent']}] Task poolq.named[" in pool.workers[0].log(), timeout=5, what="log line")
+    line = f"/{answer['agent']}] Task poolq.named.handle["  # the call's name in logs: poolq.<pool>.<op>
+    pool.wait_for(lambda: line in pool.workers[0].log(), timeout=5, what="log line")
 
 
 def test_status_command(poolq_pools: PoolFactory, poolq_broker: str) -> None:
