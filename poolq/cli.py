@@ -135,9 +135,9 @@ def worker(
     missing = missing_requirements(pool_config)
     if missing:
         _skip(client, pool, f"needs {', '.join(missing)} (not installed)")
+    wait_reachable(client.state, config.state_url, _say("worker"))
     if pool_config.worker_pool == "prefork":
         # Start at the size maintenance last scaled the pool to (it survives restarts).
-        wait_reachable(client.state, config.state_url, _say("worker"))
         concurrency = restored_size(client.state, pool_config)
     else:
         concurrency = 1 if pool_config.worker_pool == "solo" else pool_config.size
@@ -199,8 +199,12 @@ def _quiet_task_lines(level: str) -> None:
 )
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def maintainer(config_path: str | None, node: str, loglevel: str, celery_args: tuple[str, ...]) -> None:
-    """Run the maintenance worker: it runs beat's poolq.maintain for every pool (control queue only)."""
+    """Run the maintenance worker: it runs beat's poolq.maintain for every pool (control queue only).
+
+    Waits for the state store when it is not up yet.
+    """
     app = _app_for(config_path)
+    wait_reachable(Client(app.poolq_config, app=app).state, app.poolq_config.state_url, _say("maintainer"))
     argv = [
         "worker",
         "--queues", CONTROL_QUEUE,
@@ -330,7 +334,10 @@ def metrics(config_path: str | None, port: int, address: str) -> None:
     """Serve every pool's Prometheus metrics at http://ADDRESS:PORT/metrics until stopped."""
     from .metrics import serve
 
-    server = serve(port, address, Client(_config(config_path)))
+    try:
+        server = serve(port, address, Client(_config(config_path)))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {address}:{port}: {exc.strerror or exc}") from None
     _say("metrics")(f"serving http://{address}:{port}/metrics")
     try:
         _idle_until_stopped()

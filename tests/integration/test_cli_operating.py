@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +122,16 @@ def test_flower_beyond_loopback_needs_a_password(address: str, monkeypatch: pyte
     result = CliRunner().invoke(main, ["flower", "--config", config, "--address", address])
     assert result.exit_code == 2
     assert "--basic-auth" in result.output and "--insecure" in result.output
+
+
+def test_metrics_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        env = {**os.environ, "POOLQ_CONFIG": str(ROOT / "config" / "pools.toml")}
+        done = _poolq(env, "metrics", "--port", str(taken.getsockname()[1]), timeout=30)
+    finally:
+        taken.close()
+    assert done.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
