@@ -311,3 +311,25 @@ def test_dashboard_broker_and_tasks_pages_in_chromium(
     flower.task(shout.id, "SUCCESS")
     # The task list is a table Flower fills by ajax: wait for the row.
     page_text(browser, f"{flower.url}/tasks", "tasks-table", shout.id, f"{QUEUE}.shout", agent, "seen in chromium")
+
+
+def test_a_node_started_after_flower_has_its_queue_listed(poolq_pools: PoolFactory, poolq_broker: str) -> None:
+    # Given Flower running before any node of the pool (a Procfile or compose stack starts them together)
+    late = poolq_pools.start("flowerlate", f"{__name__}:Gate", nodes=0, wait=False, options={"redis_url": poolq_broker})
+    poolq_pools.start_maintenance(late)  # a node Flower sees at its start: the maintainer
+    maintainer = "maintainer-flowerlate@poolq-test"
+    until("the maintainer answers", lambda: late.client.app.control.ping([maintainer], timeout=1.0))
+    port = free_port()
+    argv = [sys.executable, "-m", "poolq", "flower", "--address", "127.0.0.1", "--port", str(port)]
+    env = {k: v for k, v in poolq_pools.environment(late).items() if not k.startswith("FLOWER_")}
+    with app_server(argv, port, env, poolq_pools.directory / "flower-late.log") as url:
+        flower = Flower(url, poolq_pools.directory / "flower-late.log")
+        until("Flower knows the maintainer", lambda: maintainer in (flower.api("/api/workers?refresh=1") or {}))
+        # When the node starts afterwards and calls wait in its queue
+        poolq_pools.add_node(late)
+        handles = [late.client.cast("flowerlate", text=f"t{n}") for n in range(3)]
+        for handle in handles:
+            handle.result(timeout=WAIT)
+        # Then Flower lists the queue without being asked to refresh its workers
+        lengths = flower.api("/api/queues/length")
+        assert {"name": "poolq.flowerlate", "messages": 0} in lengths["active_queues"]
