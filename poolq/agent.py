@@ -59,12 +59,22 @@ class Agent:
         options: the pool's ``options`` table from the configuration.
         pool: the name of the pool this agent serves.
         name: the agent's identity in the registry and the logs.
+        device: where the pool places the agent: ``"cpu"``, ``"mps"``, or a CUDA
+            device such as ``"cuda:0"``; None when the pool sets no ``device``
+            (the agent decides). Pass it to your framework, e.g.
+            ``SentenceTransformer(path, device=self.device or "cpu")``. With
+            ``device = "cuda"`` or ``gpus_per_agent``, ``CUDA_VISIBLE_DEVICES``
+            holds only this agent's GPUs (in a prefork or solo pool) and
+            ``device`` is ``"cuda:0"``, the first of them.
     """
 
-    def __init__(self, options: Mapping[str, Any] | None = None, *, pool: str = "", name: str = "") -> None:
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, *, pool: str = "", name: str = "", device: str | None = None
+    ) -> None:
         self.options: dict[str, Any] = dict(options or {})
         self.pool = pool
         self.name = name
+        self.device = device
 
     def setup(self) -> None:
         """Build the expensive state (models, clients, sessions). Runs once per agent."""

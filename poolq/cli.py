@@ -292,8 +292,28 @@ def flower(config_path: str | None, port: int, address: str, insecure: bool, flo
         os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
     if not (_given(flower_args, "--tasks-columns") or os.environ.get("FLOWER_TASKS_COLUMNS")):
         flower_args = (f"--tasks-columns={FLOWER_TASKS_COLUMNS}", *flower_args)
-    app = create_app(_config(config_path), monitor=True)
+    config = _config(config_path)
+    _flower_lists_every_pool_queue(config)
+    app = create_app(config, monitor=True)
     app.start(["flower", f"--port={port}", f"--address={address}", *flower_args])
+
+
+def _flower_lists_every_pool_queue(config: Config) -> None:
+    """Have Flower's Broker tab and /api/queues/length show every pool's queue.
+
+    Flower lists the queues of the workers it inspected when it started (or
+    when a page asks it to refresh), so a node that starts after Flower, as in
+    a Procfile or compose stack, has its queue missing. poolq knows its queues.
+    """
+    from flower.views import BaseHandler
+
+    stock = BaseHandler.get_active_queue_names
+    configured = {pool.queue for pool in config.pools.values()} | {CONTROL_QUEUE}
+
+    def get_active_queue_names(handler: BaseHandler) -> list[str]:
+        return sorted(set(stock(handler)) | configured)
+
+    BaseHandler.get_active_queue_names = get_active_queue_names
 
 
 #: Flower's task list, with the arguments and the result (which names the agent) that it hides by default.
@@ -416,6 +436,11 @@ def result(config_path: str | None, call_id: str, timeout: float | None) -> None
 @click.option("--concurrency", type=int, help="Calls in flight at once [default: twice the pool's agents].")
 @click.option("--timeout", type=float, help="Seconds each call may wait for a free agent [default: the pool's].")
 @click.option("--call-timeout", type=float, help="Seconds the agent may take per call [default: the pool's].")
+@click.option(
+    "--ordered/--unordered",
+    default=True,
+    help="Print the results in input order at the end, or each as it arrives [default: ordered].",
+)
 def map_command(
     config_path: str | None,
     pool: str,
@@ -424,29 +449,36 @@ def map_command(
     concurrency: int | None,
     timeout: float | None,
     call_timeout: float | None,
+    ordered: bool,
 ) -> None:
-    """Call POOL once per line of INPUTS (JSON lines; default stdin) and print the results in order.
+    """Call POOL once per line of INPUTS (JSON lines; default stdin) and print the results.
 
     Each line is an object (keyword arguments) or an array (positional
-    arguments), as for `poolq call`. Each result line is the JSON result, or
-    {"error": ...} for a line that failed. A progress bar goes to stderr.
+    arguments), as for `poolq call`. In order (the default), each result line
+    is the JSON result, or {"error": ...} for a line that failed, and a
+    progress bar goes to stderr. With --unordered each result is printed as
+    soon as it arrives, as {"index": N, "result": ...} or {"index": N,
+    "error": ...}, N counting the input lines from 0.
     """
     lines = [line for line in inputs.read().splitlines() if line.strip()]
     items = [Arguments(*_parse_payload(line)) for line in lines]
+    client = Client(_config(config_path))
+    options: dict[str, Any] = {"op": op, "concurrency": concurrency, "timeout": timeout, "call_timeout": call_timeout}
+    options["return_exceptions"] = True  # a failed line is printed as such; the others go on
+    if not ordered:
+        for index, result in client.map(pool, items, ordered=False, **options):
+            shown = _map_error(result) if isinstance(result, PoolqError) else {"result": result}
+            click.echo(json.dumps({"index": index, **shown}, ensure_ascii=False))  # flushed: shown at once
+        return
     with click.progressbar(length=len(items), label=f"poolq map {pool}", file=sys.stderr) as bar:
-        results = Client(_config(config_path)).map(
-            pool,
-            items,
-            op=op,
-            concurrency=concurrency,
-            timeout=timeout,
-            call_timeout=call_timeout,
-            return_exceptions=True,
-            on_progress=lambda done, total: bar.update(1),
-        )
-    results = [{"error": f"{type(r).__name__}: {r}"} if isinstance(r, PoolqError) else r for r in results]
+        results = client.map(pool, items, on_progress=lambda done, total: bar.update(1), **options)
+    results = [_map_error(r) if isinstance(r, PoolqError) else r for r in results]
     for result in results:
         click.echo(json.dumps(result, ensure_ascii=False))
+
+
+def _map_error(exc: PoolqError) -> dict[str, str]:
+    return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 @main.command()

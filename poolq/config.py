@@ -98,12 +98,47 @@ DEFAULT_REDELIVERY_TIMEOUT = 10.0
 #: Seconds between two sweeps that hand such calls back to their queue.
 RESTORE_INTERVAL = 2.0
 
+#: A pool's ``rate_limit``: a whole number of calls per second, minute or hour.
+_RATE_LIMIT = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*([smh])\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 _ENV_OVERRIDE = re.compile(r"^POOLQ_([A-Z][A-Z0-9_]*?)__([A-Z][A-Z0-9_]*)$")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``calls`` operations of a pool start in any ``per`` seconds, counted pool-wide in Redis.
+
+    Example::
+
+        RateLimit.parse("20/s")     # RateLimit(calls=20, per=1.0)
+        RateLimit.parse("100/m")    # RateLimit(calls=100, per=60.0)
+    """
+
+    calls: int
+    per: float
+
+    @classmethod
+    def parse(cls, text: object) -> RateLimit:
+        """Read ``"<n>/s"``, ``"<n>/m"`` or ``"<n>/h"``.
+
+        Raises:
+            ValueError: anything else (a ConfigError when it comes from the configuration).
+        """
+        match = _RATE_LIMIT.match(text) if isinstance(text, str) else None
+        if not match:
+            raise ValueError("expected '<n>/s', '<n>/m' or '<n>/h' (n a whole number of calls, at least 1)")
+        return cls(calls=int(match.group(1)), per=_RATE_UNITS[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.per)
+        return f"{self.calls}/{unit}" if unit else f"{self.calls}/{self.per:g}s"
 
 
 class PoolConfig(_Model):
@@ -115,9 +150,14 @@ class PoolConfig(_Model):
     max_overflow: int = Field(default=0, ge=0)
     overflow_idle: float = Field(default=DEFAULT_OVERFLOW_IDLE, gt=0)
     max_waiting: int | None = Field(default=None, ge=0)
+    # Pool-wide: operation starts in any window, e.g. "20/s"; see the rate property.
+    rate_limit: str | None = None
     worker_pool: Literal["prefork", "threads", "solo"] = "prefork"
     # Which idle agent a threads node hands out; see _strategy_where_honoured.
     strategy: Literal["lifo", "fifo"] | None = None
+    # Where the agents run (see poolq.worker.placement); None: the agent decides.
+    device: str | None = None
+    gpus_per_agent: int | None = Field(default=None, ge=1)
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     call_timeout: float = Field(default=DEFAULT_CALL_TIMEOUT, gt=0)
     setup_timeout: float = Field(default=DEFAULT_SETUP_TIMEOUT, gt=0)
@@ -164,6 +204,38 @@ class PoolConfig(_Model):
             raise ValueError(
                 "applies where poolq hands out the agents: worker_pool = 'threads'. A prefork or solo node "
                 "gives each call to whichever process is free, in Celery's order"
+            )
+        return value
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _rate_limit_reads(cls, value: Any) -> Any:
+        if value is not None:
+            RateLimit.parse(value)
+        return value
+
+    @property
+    def rate(self) -> RateLimit | None:
+        """The pool's ``rate_limit``, read (None: unlimited)."""
+        return None if self.rate_limit is None else RateLimit.parse(self.rate_limit)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None and not _DEVICE.match(value):
+            raise ValueError("a device is 'cpu', 'cuda', 'cuda:N' (N: a GPU's number) or 'mps'")
+        return value
+
+    @field_validator("gpus_per_agent")
+    @classmethod
+    def _gpus_where_placed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        device = info.data.get("device")
+        if value is not None and device not in (None, "cuda"):
+            raise ValueError(f"spreads the agents over GPUs: it needs device = 'cuda' (or none), not {device!r}")
+        if value is not None and value > 1 and info.data.get("worker_pool") == "threads":
+            raise ValueError(
+                "a threads node runs every agent in one process, with one CUDA_VISIBLE_DEVICES: there each agent "
+                "gets one GPU (as cuda:N). Use worker_pool = 'prefork' to give an agent several"
             )
         return value
 

@@ -79,6 +79,12 @@ class PoolExhausted(PoolqError):
     """No agent is free and overflow is spent (or the queue is at ``max_waiting``); nothing was sent."""
 
 
+class RateLimited(PoolExhausted):
+    """The pool's ``rate_limit`` has no free slot now and the caller asked not to wait (``block=False``)."""
+
+    kind = "rate_limited"
+
+
 class PoolClosed(PoolqError):
     """The pool was stopped on purpose (``poolq stop``); calls fail at once until one of its nodes starts again."""
 

@@ -104,6 +104,13 @@ class Probe(poolq.Agent):
         return {"pid": os.getpid(), "agent": self.name}
 
     @poolq.operation
+    def stamp(self, marker: str) -> float:
+        """Record when this operation started (this machine's clock), to check a rate limit."""
+        started = time.time()
+        self.redis.rpush(f"{self.key}:starts", f"{marker} {started!r}")
+        return started
+
+    @poolq.operation
     def burn(self, seconds: float) -> int:
         """Keep one core busy for ``seconds`` (to cross max_cpu_percent)."""
         deadline, spins = time.monotonic() + seconds, 0
@@ -118,6 +125,23 @@ class Probe(poolq.Agent):
     def teardown(self) -> None:
         self.ballast = bytearray()
         self.redis.rpush(f"{self.key}:events", f"teardown {os.getpid()} {self.name}")
+
+
+class DeviceProbe(poolq.Agent):
+    """Says where poolq placed it: its device, and the GPUs its process shows (at setup and now)."""
+
+    def setup(self) -> None:
+        self.visible_at_setup = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    def handle(self, sleep: float = 0.0) -> dict[str, Any]:
+        time.sleep(sleep)
+        return {
+            "pid": os.getpid(),
+            "agent": self.name,
+            "device": self.device,
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "visible_at_setup": self.visible_at_setup,
+        }
 
 
 def events(redis_client: redis.Redis, pool: str, kind: str | None = None) -> list[list[str]]:
@@ -137,7 +161,7 @@ def max_running(redis_client: redis.Redis, pool: str) -> int:
 
 
 def clear(redis_client: redis.Redis, pool: str) -> None:
-    keys = ("events", "ran", "done", "running", "max_running", "fail_setup")
+    keys = ("events", "ran", "done", "running", "max_running", "fail_setup", "starts")
     redis_client.delete(*(f"test:{pool}:{key}" for key in keys))
 
 

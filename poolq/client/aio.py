@@ -24,20 +24,21 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import redis
 import redis.asyncio
 
-from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
-from ..store import connection, keys, protocol
+from ..errors import BrokerUnavailable, PoolqTimeout
+from ..store import connection, keys, protocol, ratelimit
 from ..store.status import PoolStatus
-from . import core
-from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
+from . import core, mapping
+from .core import Alive, Effect, Inspect, PeekRate, Pop, Push, ReadPool, ReadStatus, Send
 from .lease import LeaseCore
+from .mapping import Arguments, Completed
 from .sync import Client, default_client
 
 T = TypeVar("T")
@@ -46,13 +47,6 @@ T = TypeVar("T")
 SEND_THREADS = 4
 #: Replies taken off the mailbox per round trip once one arrived.
 DRAIN_BATCH = 256
-
-
-class Arguments(NamedTuple):
-    """The arguments of one call, for :meth:`AsyncClient.map` items that need several."""
-
-    args: list[Any]
-    kwargs: dict[str, Any]
 
 
 class _Mailbox:
@@ -177,6 +171,9 @@ class AsyncClient:
                 return None
             if isinstance(effect, Alive):
                 return bool(await state.exists(keys.agent(effect.agent_id)))
+            if isinstance(effect, PeekRate):
+                script, count, *names_and_args = ratelimit.peek_command(effect.pool, effect.rate)
+                return float(await state.eval(script, count, *names_and_args))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot reach the state Redis: {exc}") from exc
         raise TypeError(f"not an effect: {effect!r}")
@@ -206,64 +203,52 @@ class AsyncClient:
         """The pool's status (see :meth:`Client.status`)."""
         return await self._in_thread(self.client.status, pool)
 
-    async def map(
-        self,
-        pool: str,
-        items: Iterable[Any],
-        *,
-        op: str | None = None,
-        kwargs: bool = False,
-        concurrency: int | None = None,
-        timeout: float | None = None,
-        call_timeout: float | None = None,
-        return_exceptions: bool = False,
-        on_progress: Callable[[int, int], None] | None = None,
-    ) -> list[Any]:
-        """Call ``pool`` once per item; the results in input order.
+    @overload
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: Literal[True] = ..., **options: Any
+    ) -> Coroutine[Any, Any, list[Any]]: ...
+
+    @overload
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: Literal[False], **options: Any
+    ) -> AsyncGenerator[Completed, None]: ...
+
+    @overload
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: bool, **options: Any
+    ) -> Coroutine[Any, Any, list[Any]] | AsyncGenerator[Completed, None]: ...
+
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: bool = True, **options: Any
+    ) -> Coroutine[Any, Any, list[Any]] | AsyncGenerator[Completed, None]:
+        """Call ``pool`` once per item, at most ``concurrency`` calls at a time.
+
+        ``await aclient.map(...)`` gives the results in input order. With
+        ``ordered=False`` (no ``await``) it is an async iterator of
+        :class:`~poolq.Completed` ``(index, result)`` pairs, each as its call
+        completes (see :func:`poolq.client.mapping.as_completed`)::
+
+            async for index, result in aclient.map("echo", texts, ordered=False):
+                print(texts[index], "->", result)
 
         Parameters:
             items: each is the call's single positional argument; with
                 ``kwargs=True`` a dict of its keyword arguments; or an
                 :class:`Arguments` (positional and keyword arguments).
+            op, timeout, call_timeout: each call's options (see :meth:`Client.call`).
             concurrency: calls in flight at once (default: twice the pool's
                 agents, so each agent has its next call queued).
             return_exceptions: put each failed item's ``PoolqError`` in its
                 place instead of raising the first one.
-            on_progress: called with (done, total) after every item.
+            on_progress: in input order only, called with (done, total) after every item.
+
+        Raises:
+            PoolqError: the first call that failed (without ``return_exceptions``);
+                the calls still in flight are no longer waited for.
         """
-        work = list(items)
-        limit = asyncio.Semaphore(concurrency or await self._default_concurrency(pool))
-        results: list[Any] = [None] * len(work)
-        done = 0
-
-        async def one(index: int, item: Any) -> None:
-            nonlocal done
-            if isinstance(item, Arguments):
-                args, keywords = item
-            else:
-                args, keywords = ([], item) if kwargs else ([item], {})
-            async with limit:
-                try:
-                    results[index] = await self.call(
-                        pool, *args, op=op, timeout=timeout, call_timeout=call_timeout, kwargs=keywords
-                    )
-                except PoolqError as exc:
-                    if not return_exceptions:
-                        raise
-                    results[index] = exc
-                finally:
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, len(work))
-
-        await asyncio.gather(*(one(i, item) for i, item in enumerate(work)))
-        return results
-
-    async def _default_concurrency(self, pool: str) -> int:
-        status = await self.status(pool)
-        config = self.client.config.pool(pool)
-        agents = sum(n.size + n.max_overflow for n in status.nodes) or config.concurrency
-        return max(2, 2 * agents)
+        if ordered:
+            return mapping.in_order(self, pool, items, **options)
+        return mapping.as_completed(self, pool, items, **options)
 
     async def wait_quiet(self, pool: str, timeout: float | None = None, poll: float = 0.1) -> PoolStatus:
         """Wait until the pool is quiet: nothing queued, no agent busy or leased."""
@@ -333,9 +318,32 @@ def alease(pool: str, timeout: float | None = None, ttl: float | None = None, bl
     return default_async_client().lease(pool, timeout=timeout, ttl=ttl, block=block)
 
 
-async def amap(pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
-    """``await`` one call per item, results in input order (see :meth:`AsyncClient.map`)."""
-    return await default_async_client().map(pool, items, **options)
+@overload
+def amap(
+    pool: str, items: Iterable[Any], *, ordered: Literal[True] = ..., **options: Any
+) -> Coroutine[Any, Any, list[Any]]: ...
+
+
+@overload
+def amap(
+    pool: str, items: Iterable[Any], *, ordered: Literal[False], **options: Any
+) -> AsyncGenerator[Completed, None]: ...
+
+
+@overload
+def amap(
+    pool: str, items: Iterable[Any], *, ordered: bool, **options: Any
+) -> Coroutine[Any, Any, list[Any]] | AsyncGenerator[Completed, None]: ...
+
+
+def amap(
+    pool: str, items: Iterable[Any], *, ordered: bool = True, **options: Any
+) -> Coroutine[Any, Any, list[Any]] | AsyncGenerator[Completed, None]:
+    """``await`` one call per item, results in input order; ``ordered=False``: ``async for index, result in``.
+
+    See :meth:`AsyncClient.map`.
+    """
+    return default_async_client().map(pool, items, ordered=ordered, **options)
 
 
 async def await_quiet(pool: str, timeout: float | None = None) -> PoolStatus:
@@ -370,4 +378,4 @@ def run_sync(coroutine_fn: Callable[[AsyncClient], Any], client: Client) -> Any:
         aclient._executor.shutdown(wait=False)
 
 
-__all__ = ["Arguments", "AsyncClient", "AsyncLease", "acall", "alease", "amap", "astatus", "await_quiet"]
+__all__ = ["Arguments", "AsyncClient", "AsyncLease", "Completed", "acall", "alease", "amap", "astatus", "await_quiet"]

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..config import Config, PoolConfig
-from ..errors import PoolClosed, PoolDegraded, PoolExhausted, PoolqError
+from ..config import Config, PoolConfig, RateLimit
+from ..errors import PoolClosed, PoolDegraded, PoolExhausted, PoolqError, RateLimited
 from ..store import keys, messages, registry
 from ..store.status import PoolStatus
 from . import options
@@ -96,7 +96,15 @@ class Alive:
     agent_id: str
 
 
-Effect = ReadPool | ReadStatus | Send | Pop | Inspect | Push | Alive
+@dataclass(frozen=True)
+class PeekRate:
+    """Look at the pool's rate limit without taking a slot; outcome: seconds until one is free (0.0: now)."""
+
+    pool: str
+    rate: RateLimit
+
+
+Effect = ReadPool | ReadStatus | Send | Pop | Inspect | Push | Alive | PeekRate
 Steps = Generator[Effect, Any, T]
 
 
@@ -237,6 +245,22 @@ def refuse_if_full(pool: PoolConfig, status: PoolStatus, block: bool) -> None:
         raise PoolExhausted(f"no agent of pool {pool.name!r} is free and its overflow is spent")
 
 
+def refuse_if_rate_limited(spec: CallSpec) -> Steps[None]:
+    """With ``block=False`` in a rate-limited pool, look whether a slot is free now (taking none).
+
+    A call that may wait needs no look: its worker waits for a slot within its ``timeout``.
+
+    Raises:
+        RateLimited: the pool's window is full.
+    """
+    rate = spec.pool.rate
+    if spec.block or rate is None:
+        return
+    wait = yield PeekRate(spec.pool.name, rate)
+    if wait > 0:
+        raise RateLimited(f"pool {spec.pool.name!r} is at its rate_limit ({rate}); a slot frees in {wait:.3g}s")
+
+
 def call(gate: Gate, spec: CallSpec, task_id: str, reply_to: str, redelivery: float) -> Steps[Any]:
     """A call from its admission to its result (see :mod:`poolq.client.waiting` for how long it waits).
 
@@ -245,6 +269,7 @@ def call(gate: Gate, spec: CallSpec, task_id: str, reply_to: str, redelivery: fl
     """
     assert spec.timeout is not None and spec.call_timeout is not None
     yield from admission(gate, spec)
+    yield from refuse_if_rate_limited(spec)
     yield Send(spec, task_id, reply_to)
     wait = CallWait(
         pool=spec.pool.name,
@@ -265,4 +290,5 @@ def call(gate: Gate, spec: CallSpec, task_id: str, reply_to: str, redelivery: fl
 def cast(gate: Gate, spec: CallSpec, task_id: str) -> Steps[None]:
     """A cast: admitted and sent; its reply is kept under its id (see :class:`poolq.Handle`)."""
     yield from admission(gate, spec)
+    yield from refuse_if_rate_limited(spec)
     yield Send(spec, task_id, keys.reply(task_id), result=keys.result(task_id))

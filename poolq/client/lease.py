@@ -93,6 +93,8 @@ class LeaseCore:
         Raises:
             LeaseLost: the lease ended (released, expired, timed out, or its agent died).
             CallTimeout: the agent did not finish within ``call_timeout`` (the lease ends).
+            CheckoutTimeout: the pool's ``rate_limit`` gave no slot within the lease's ``timeout``;
+                the call did not run (the lease goes on).
             AgentError, UnknownOperation, InvalidArguments, InvalidPayload, InvalidOption.
         """
         if not self._open:
@@ -103,9 +105,10 @@ class LeaseCore:
         op = options.operation(chosen.get("op"))
         messages.check_arguments(self.pool.name, args, kwargs, self.pool.max_payload_bytes)
         self._seq += 1
-        request = messages.LeaseRequest(self._seq, op, list(args), kwargs, limit)
+        request = messages.LeaseRequest(self._seq, op, list(args), kwargs, limit, wait=self.timeout)
         yield Push(self.requests, request.encode(), self._list_ttl)
-        deadline = time.monotonic() + limit + protocol.CALL_GRACE
+        # In a rate-limited pool the agent may first wait up to the lease's timeout for a slot.
+        deadline = time.monotonic() + limit + protocol.CALL_GRACE + (self.timeout if self.pool.rate else 0.0)
         while True:
             raw = yield Pop(self.replies, min(deadline, time.monotonic() + LIVENESS_SLICE))
             if raw is not None:

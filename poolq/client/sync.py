@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import amqp.exceptions
 import kombu.exceptions
@@ -30,12 +30,13 @@ from celery import Celery
 from ..app import create_app, default_app
 from ..config import Config, load_config
 from ..errors import BrokerUnavailable, PoolqError, PoolqTimeout
-from ..store import connection, keys, protocol, queues, registry
+from ..store import connection, keys, protocol, queues, ratelimit, registry
 from ..store.status import PoolStatus, read_status
-from . import core, options
-from .core import Alive, Effect, Inspect, Pop, Push, ReadPool, ReadStatus, Send
+from . import core, mapping, options
+from .core import Alive, Effect, Inspect, PeekRate, Pop, Push, ReadPool, ReadStatus, Send
 from .handle import Handle
 from .lease import Lease
+from .mapping import Completed
 
 T = TypeVar("T")
 
@@ -100,7 +101,9 @@ class Client:
           A call not started by then never runs.
         - ``call_timeout``: seconds the agent may spend on it (default: the pool's).
         - ``block``: ``False`` fails at once with ``PoolExhausted`` when no agent
-          is free and overflow is spent, instead of waiting in the queue.
+          is free and overflow is spent, instead of waiting in the queue (with
+          ``RateLimited``, a ``PoolExhausted``, when the pool's ``rate_limit``
+          has no slot free now).
         - ``kwargs``: more keyword arguments for the operation, for names the
           client keeps for itself (``timeout``, ``op``, ...).
 
@@ -144,14 +147,41 @@ class Client:
         """
         return Lease(self, pool, timeout=timeout, ttl=ttl, block=block)
 
-    def map(self, pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
+    @overload
+    def map(self, pool: str, items: Iterable[Any], *, ordered: Literal[True] = ..., **options: Any) -> list[Any]: ...
+
+    @overload
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: Literal[False], **options: Any
+    ) -> Generator[Completed, None, None]: ...
+
+    @overload
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: bool, **options: Any
+    ) -> list[Any] | Generator[Completed, None, None]: ...
+
+    def map(
+        self, pool: str, items: Iterable[Any], *, ordered: bool = True, **options: Any
+    ) -> list[Any] | Generator[Completed, None, None]:
         """Call ``pool`` once per item, at most ``concurrency`` at a time; results in input order.
+
+        With ``ordered=False``, an iterator of :class:`~poolq.Completed`
+        ``(index, result)`` pairs instead, each as soon as its call completes.
+        It reads ``items`` lazily and sends the next one as each result is
+        taken. Leaving it early (``break``, ``close()``) stops waiting for the
+        calls in flight (sent ones still run) and ends its thread::
+
+            for index, result in client.map("echo", texts, ordered=False):
+                print(texts[index], "->", result)
 
         The options are those of :meth:`poolq.client.aio.AsyncClient.map`.
         """
-        from .aio import run_sync
+        from .aio import AsyncClient, run_sync
 
-        return list(run_sync(lambda aclient: aclient.map(pool, items, **options), self))
+        if ordered:
+            return list(run_sync(lambda aclient: aclient.map(pool, items, **options), self))
+        aclient = AsyncClient(self)
+        return mapping.iterate(aclient, aclient.map(pool, items, ordered=False, **options))
 
     def wait_quiet(self, pool: str, timeout: float | None = None) -> PoolStatus:
         """Wait until nothing waits in the pool's queue and no agent is busy or leased (quiescence).
@@ -261,6 +291,8 @@ class Client:
                 return None
             if isinstance(effect, Alive):
                 return registry.is_alive(self.state, effect.agent_id)
+            if isinstance(effect, PeekRate):
+                return ratelimit.peek(self.scripts, effect.pool, effect.rate)
         raise TypeError(f"not an effect: {effect!r}")
 
     def send(self, effect: Send) -> None:
@@ -357,9 +389,30 @@ def lease(pool: str, timeout: float | None = None, ttl: float | None = None, blo
     return default_client().lease(pool, timeout=timeout, ttl=ttl, block=block)
 
 
-def map(pool: str, items: Iterable[Any], **options: Any) -> list[Any]:
-    """Call ``pool`` once per item; results in input order (see :meth:`Client.map`)."""
-    return default_client().map(pool, items, **options)
+@overload
+def map(pool: str, items: Iterable[Any], *, ordered: Literal[True] = ..., **options: Any) -> list[Any]: ...
+
+
+@overload
+def map(
+    pool: str, items: Iterable[Any], *, ordered: Literal[False], **options: Any
+) -> Generator[Completed, None, None]: ...
+
+
+@overload
+def map(
+    pool: str, items: Iterable[Any], *, ordered: bool, **options: Any
+) -> list[Any] | Generator[Completed, None, None]: ...
+
+
+def map(
+    pool: str, items: Iterable[Any], *, ordered: bool = True, **options: Any
+) -> list[Any] | Generator[Completed, None, None]:
+    """Call ``pool`` once per item; results in input order, or ``(index, result)`` as they complete.
+
+    See :meth:`Client.map`.
+    """
+    return default_client().map(pool, items, ordered=ordered, **options)
 
 
 def wait_quiet(pool: str, timeout: float | None = None) -> PoolStatus:

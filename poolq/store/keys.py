@@ -6,7 +6,8 @@ where a script finds its records through a set), never write them.
 Per call: ``reply``, ``result``, ``claim``. Per agent and node: their
 records, alive while their heartbeat lasts. Per pool: the sets of its agents
 and nodes, its counters and flags (``stats``), scale events, setup failures,
-and its locks. The name pool. A lease's two lists. An event loop's mailbox.
+its locks, and its rate limiter's window. The name pool. A lease's two lists.
+An event loop's mailbox.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def metrics(pool: str) -> str:
     return f"{PREFIX}:pool:{pool}:metrics"
 
 
+def rate_window(pool: str) -> str:
+    """The pool's rate limiter: a sorted set of the operations started lately, scored by their start (server time)."""
+    return f"{PREFIX}:pool:{pool}:rate"
+
+
 def pool_keys(pool: str) -> list[str]:
     """Every key of one pool (not of its agents or calls): what a fresh start of the pool clears."""
     return [
@@ -92,6 +98,7 @@ def pool_keys(pool: str) -> list[str]:
         maintain_lock(pool),
         recycle_turn(pool),
         metrics(pool),
+        rate_window(pool),
     ]
 
 

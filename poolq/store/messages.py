@@ -133,12 +133,14 @@ class LeaseRequest:
     call_timeout: float = 0.0
     release: bool = False
     broken: bool = False
+    #: Seconds the call may wait for a slot of the pool's rate limit (the lease's timeout; 0: the pool's).
+    wait: float = 0.0
 
     def encode(self) -> str:
         if self.release:
             return json.dumps({"release": True, "broken": self.broken})
         call = {"seq": self.seq, "op": self.op, "args": self.args, "kwargs": self.kwargs}
-        return json.dumps({**call, "call_timeout": self.call_timeout})
+        return json.dumps({**call, "call_timeout": self.call_timeout, "wait": self.wait})
 
     @classmethod
     def decode(cls, raw: str) -> LeaseRequest:
@@ -151,6 +153,7 @@ class LeaseRequest:
             args=list(message.get("args", [])),
             kwargs=dict(message.get("kwargs", {})),
             call_timeout=float(message.get("call_timeout") or 0),
+            wait=float(message.get("wait") or 0),
         )
 
 

@@ -29,7 +29,7 @@ from ..config import PoolConfig
 from . import registry
 from .records import IN_USE, SERVING, AgentRecord, NodeRecord
 
-COUNTERS = ("requests", "recycles", "spawned", "terminated", "scale_ups", "scale_downs")
+COUNTERS = ("requests", "recycles", "spawned", "terminated", "scale_ups", "scale_downs", "rate_delayed")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class PoolStatus:
     #: Why no node runs the pool (its state is ``skipped``).
     skipped_because: str = ""
     agents: list[AgentInfo] = field(default_factory=list)
+    #: The pool's ``rate_limit`` ('' for none); ``counters["rate_delayed"]``: calls that waited for it.
+    rate_limit: str = ""
 
     @property
     def can_grow(self) -> bool:
@@ -182,6 +184,7 @@ def summarize(
         nodes=sorted(node_infos, key=lambda n: n.id),
         skipped_because=stats.get("skipped", "") if state == "skipped" else "",
         agents=sorted(agent_infos, key=lambda a: (a.node, a.name)),
+        rate_limit=str(pool.rate or ""),
     )
 
 

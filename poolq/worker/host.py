@@ -46,7 +46,7 @@ from ..config import PoolConfig
 from ..errors import AgentUnavailable
 from ..scaling.policy import jittered
 from ..store import keys, metrics, names, registry
-from . import limits, recycling
+from . import limits, placement, recycling
 from .slot import SETUP_RETRY_MIN, AgentSlot
 from .usage import CpuWindow, rss_mb
 
@@ -77,6 +77,9 @@ class AgentHost:
         self.retire = retire
         #: Whether a stuck setup may be ended with its process (not where other agents share it).
         self.hard_limits = pool.worker_pool != "threads"
+        #: Where this process's agents run: its CUDA_VISIBLE_DEVICES is narrowed now, before any agent code.
+        self.placement = placement.for_process(pool, slots)
+        placement.apply(self.placement)
         self.agent_class = load_agent_class(pool)
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
@@ -87,9 +90,12 @@ class AgentHost:
                 suffix=s,
                 name=f"{pool.name}-{self.pid}{s}",
                 slot_id=f"{node}/{self.pid}{s}",
+                device=device,
             )
-            for s in suffixes
+            for s, device in zip(suffixes, self.placement.devices, strict=True)
         ]
+        if self.placement.visible is not None:
+            logger.info("process %d: %s=%s", self.pid, placement.VISIBLE_DEVICES, self.placement.visible)
         if slot is not None:
             self.slots[0].slot_id, self.slots[0].recycles = slot
         self.cpu = CpuWindow(pool.cpu_window) if pool.max_cpu_percent is not None else None
@@ -284,7 +290,10 @@ class AgentHost:
 
     def _setup(self, slot: AgentSlot) -> None:
         slot.state = "starting"
-        agent = self.agent_class(self.pool.options, pool=self.pool.name, name=slot.name)
+        if self.placement.error:
+            self._setup_failed(slot, f"NoDevice: {self.placement.error}")
+            return
+        agent = self.agent_class(self.pool.options, pool=self.pool.name, name=slot.name, device=slot.device)
         started = time.monotonic()
         limit = self.pool.setup_timeout
 

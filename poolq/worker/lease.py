@@ -19,8 +19,8 @@ from typing import Any
 import redis
 
 from .. import events
-from ..errors import AgentUnavailable, CallTimeout, InvalidArguments, UnknownOperation
-from ..store import keys, messages, protocol, registry
+from ..errors import AgentUnavailable, CallTimeout, CheckoutTimeout, InvalidArguments, UnknownOperation
+from ..store import keys, messages, protocol, ratelimit, registry
 from . import limits
 from .slot import AgentSlot
 
@@ -91,9 +91,21 @@ def _run(
     except (UnknownOperation, InvalidArguments) as exc:
         failed(exc, ran=False)
         return messages.encode_error("", exc, ""), None
+    rate = runtime.pool.rate
+    if rate is not None:
+        # Every call of a lease takes a slot too, right before it starts.
+        wait = request.wait or runtime.pool.timeout
+        if not ratelimit.wait(runtime.scripts, pool, rate, call_id, until=started + wait):
+            late = CheckoutTimeout(
+                f"lease call {request.seq} got no slot of the pool's rate_limit ({rate}) "
+                f"within {wait:g}s; it did not run"
+            )
+            failed(late, ran=False)
+            return messages.encode_error("", late, ""), None
     slot.requests += 1
     slot.last_used_at = time.time()
-    events.emit(events.CallStarted(pool, op=op, agent=slot.name, task_id=call_id, queued_s=0.0))
+    queued = time.monotonic() - started
+    events.emit(events.CallStarted(pool, op=op, agent=slot.name, task_id=call_id, queued_s=queued))
     timeout = CallTimeout(f"lease call {request.seq} ({op}) ran past its call_timeout")
     replies = keys.lease_replies(lease_id)
 

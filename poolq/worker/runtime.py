@@ -37,7 +37,7 @@ from ..errors import (
     PoolDegraded,
     UnknownOperation,
 )
-from ..store import connection, keys, messages, protocol, registry
+from ..store import connection, keys, messages, protocol, ratelimit, registry
 from . import lease, limits
 from .host import AgentHost
 from .slot import AgentSlot
@@ -123,6 +123,8 @@ class Call:
     #: When this process took the message, and when its operation started (monotonic).
     received: float = field(default_factory=time.monotonic)
     started: float | None = None
+    #: Which delivery of the call this is (above 1: its first runner died).
+    delivery: int = 1
 
     @property
     def operation(self) -> str:
@@ -155,7 +157,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
     call = Call.from_request(task.request)
     with runtime.host.checkout() as slot:
         try:
-            attempt = _admit(runtime, slot, call)
+            attempt = call.delivery = _admit(runtime, slot, call)
             if call.lease:
                 # A lease redelivered after its agent died is not served again:
                 # its client has lost that agent's state and hears LeaseLost.
@@ -257,6 +259,13 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         _fail(runtime, slot, call, exc)
         raise
 
+    if not _rate_slot(runtime, call):
+        late = CheckoutTimeout(
+            f"call {call.task_id} waited past its timeout for a slot of the pool's rate_limit "
+            f"({runtime.pool.rate}); it will not run"
+        )
+        _fail(runtime, slot, call, late)
+        raise late
     served_by = slot.name  # before a recycle after the call renames the slot
     slot.requests += 1
     slot.last_used_at = time.time()
@@ -306,6 +315,24 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
     # process takes more work (the reply is already on its way).
     runtime.host.after_call(slot)
     return served_by
+
+
+def _rate_slot(runtime: Runtime, call: Call) -> bool:
+    """Take a slot of the pool's rate limit for the call, waiting for one until its deadline: whether it got one.
+
+    Taken here, right before the operation starts, so the limit counts
+    starts: a call refused for its arguments, or whose agent is replaced
+    first, takes no slot. The call is already claimed, so waiting cannot run
+    it twice; past its deadline it ends as ``CheckoutTimeout`` and never runs.
+    A redelivered call was accepted before its runner died: it waits as long
+    as it takes.
+    """
+    rate = runtime.pool.rate
+    if rate is None:
+        return True
+    deadline = call.deadline if call.delivery == 1 else None
+    member = f"{call.task_id}:{call.delivery}"
+    return ratelimit.wait(runtime.scripts, runtime.pool.name, rate, member, deadline=deadline, retry=STATE_RETRY)
 
 
 def _fail(

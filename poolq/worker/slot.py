@@ -36,6 +36,8 @@ class AgentSlot:
     retry_delay: float = SETUP_RETRY_MIN
     #: The agent's place in the pool, kept across its recycles (and its process's warm replacement).
     slot_id: str = ""
+    #: Where its agent runs (the agent's ``self.device``; see :mod:`poolq.worker.placement`).
+    device: str | None = None
     recycles: int = 0
     #: Why this agent is being replaced ('' when it is not).
     replacing: str = ""

@@ -9,6 +9,9 @@ Celery starts agents differently per execution pool, so poolq covers each:
   :mod:`poolq.worker.limits`) and raises Celery's ``worker_proc_alive_timeout``
   (4 s by default, which would kill slow starters) above it. Teardown runs in
   ``worker_process_shutdown``. Nothing is built in the parent, before the fork.
+  Just before each fork (``worker_before_create_process``) the parent picks
+  the new process's placement index, which says which GPUs its agent gets
+  (:mod:`poolq.worker.placement`).
 - solo: Celery sends ``worker_process_init`` in the worker process itself,
   while it builds the pool; teardown runs when the bootstep stops.
 - threads: Celery sends neither signal, so the bootstep builds one agent per
@@ -27,7 +30,7 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import worker_before_create_process, worker_process_init, worker_process_shutdown, worker_ready
 from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
@@ -37,7 +40,7 @@ from ..app import CONTROL_QUEUE, MAINTAIN_TASK
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from ..store import connection, queues, registry
-from . import runtime, scaler
+from . import placement, runtime, scaler
 from .beacon import NodeBeacon
 from .redelivery import Renewal, uses_visibility
 from .scaler import TICK, NodeScaler, RetireRequests
@@ -61,6 +64,8 @@ class Node:
     beacon: NodeBeacon | None = None
     scaler: NodeScaler | None = None
     renewal: Renewal | None = None
+    #: A prefork node's placement indexes (which GPUs each of its processes gets).
+    placements: placement.PlacementBook | None = None
 
 
 _node: Node | None = None
@@ -109,6 +114,10 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # Fail here, in the main process, on an agent that cannot be imported,
         # instead of in every child (which Celery would respawn forever).
         load_agent_class(pool)
+        # Reads the GPUs (never CUDA) once, before the fork: the children inherit what it found.
+        unplaced = placement.check(pool)
+        if unplaced:
+            logger.error("%s: its agents' setups will fail", unplaced)
         self.node = _node = Node(
             config=config,
             pool=pool,
@@ -117,6 +126,7 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             state=connection.connect(config.state_url),
             hostname=socket.gethostname(),
             retire_requests=RetireRequests() if pool_type == "prefork" else None,
+            placements=placement.PlacementBook() if pool_type == "prefork" else None,
         )
 
     def start(self, worker: Any) -> None:
@@ -254,6 +264,20 @@ def _pool_type(pool_cls: Any) -> str:
         if name in module:
             return {"thread": "threads", "processes": "prefork"}.get(name, name)
     return str(module)
+
+
+@worker_before_create_process.connect
+def _on_before_fork(sender: Any = None, **_: Any) -> None:
+    # In the node's main process, just before billiard forks a process: pick its
+    # placement index (the child reads placement.NEXT_INDEX). While the scaler
+    # grows a warm replacement (NEXT_SLOT is set), the new process takes over
+    # the index, and so the GPUs, of the process it replaces.
+    node = _node
+    if node is None or node.placements is None or sender is None:
+        return
+    job = node.scaler.plan.replacing if node.scaler is not None and scaler.NEXT_SLOT is not None else None
+    live = [p.pid for p in list(sender._pool) if p.pid and p.exitcode is None]
+    placement.NEXT_INDEX = node.placements.before_fork(live, replaces=job.pid if job is not None else None)
 
 
 @worker_process_init.connect

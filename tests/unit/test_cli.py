@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+from poolq import Completed, InvalidArguments
 from poolq.cli import _parse_payload, main
 from poolq.testing import render_config
 
@@ -49,3 +53,27 @@ def test_pools_lists_the_configuration() -> None:
     result = CliRunner().invoke(main, ["pools", "--config", str(root / "config" / "pools.toml")])
     assert result.exit_code == 0
     assert "echo: workers.echo:Echo size=2" in result.output
+
+
+def test_map_unordered_prints_each_result_with_its_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(render_config("p", {"agent": "a:B"}))
+    asked: list[dict[str, Any]] = []
+
+    class Arrivals:
+        def __init__(self, config: Any) -> None:
+            pass
+
+        def map(self, pool: str, items: list[Any], **options: Any) -> Iterator[Completed]:
+            asked.append({"items": len(items), **options})
+            yield Completed(1, {"n": 2})
+            yield Completed(0, InvalidArguments("missing x"))
+
+    monkeypatch.setattr("poolq.cli.Client", Arrivals)
+    result = CliRunner().invoke(main, ["map", "p", "-", "--unordered", "--config", str(path)], input="[1]\n[2]\n")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"index": 1, "result": {"n": 2}},
+        {"index": 0, "error": "InvalidArguments: missing x"},
+    ]
+    assert asked[0]["items"] == 2 and asked[0]["ordered"] is False and asked[0]["return_exceptions"] is True
