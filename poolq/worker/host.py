@@ -316,6 +316,7 @@ class AgentHost:
             slot.state = "idle"
             slot.setups += 1
             slot.started_at = time.time()
+            slot.requests_before = slot.requests
             slot.health_checked_at = time.monotonic()
             slot.setup_error = ""
             slot.retry_delay = SETUP_RETRY_MIN
@@ -459,7 +460,7 @@ class AgentHost:
             "pid": self.pid,
             "started_at": slot.started_at,
             "last_used_at": slot.last_used_at,
-            "requests": slot.requests,
+            "requests": slot.requests - slot.requests_before,  # this agent's, not its slot's
             "setups": slot.setups,
             "error": slot.setup_error,
             "degraded": slot.degraded,

@@ -24,7 +24,10 @@ class AgentSlot:
     name: str = ""
     agent: Agent | None = None
     state: str = "starting"
+    #: Calls of this slot, all its agents together (the recycling limits count from here).
     requests: int = 0
+    #: ``requests`` when the current agent was set up: the agent's own count is the difference.
+    requests_before: int = 0
     setups: int = 0
     started_at: float = field(default_factory=time.time)
     last_used_at: float = 0.0

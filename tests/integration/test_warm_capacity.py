@@ -137,10 +137,10 @@ def test_a_slot_recycled_max_recycles_times_is_degraded_not_recycled_forever(
 
 def test_sustained_cpu_over_max_cpu_percent_replaces_the_agent(poolq_pools: PoolFactory, poolq_broker: str) -> None:
     pool = poolq_pools.start(
-        "hot", "tests.agents:Probe", size=1, max_cpu_percent=50, cpu_window=2, options={"redis_url": poolq_broker}
+        "hot", "tests.agents:Probe", size=1, max_cpu_percent=25, cpu_window=2, options={"redis_url": poolq_broker}
     )
     first = pool.client.call("hot")["pid"]
-    pool.client.call("hot", 3.0, op="burn")  # a core busy for longer than the window
+    pool.client.call("hot", 3.0, op="burn")  # a core busy for longer than the window (25 %: a loaded CI machine)
     pool.wait_for(lambda: first not in {a.pid for a in pool.client.status("hot").agents}, timeout=20, what="replaced")
     assert pool.client.status("hot").counters["recycles"] == 1
     assert pool.client.call("hot")["pid"] != first
