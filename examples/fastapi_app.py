@@ -25,7 +25,8 @@ import poolq
 app = FastAPI(title="poolq FastAPI example")
 
 #: poolq's errors as HTTP answers: the pool is full or broken (503, try again),
-#: too slow (504), the agent raised (502), the request was wrong (404, 422).
+#: too slow (504), the agent raised (502), the request was wrong (404, 422),
+#: the call was cancelled by somebody else (409; a client that went away itself hears nothing).
 #: Looked up along the error's classes: PoolDegraded is an AgentUnavailable,
 #: CheckoutTimeout and CallTimeout are PoolqTimeouts, AgentCrashed an AgentError.
 STATUS: dict[type[Exception], int] = {
@@ -38,6 +39,7 @@ STATUS: dict[type[Exception], int] = {
     poolq.LeaseLost: 503,
     poolq.BrokerUnavailable: 503,
     poolq.PoolqTimeout: 504,
+    poolq.CallCancelled: 409,
     poolq.AgentError: 502,
 }
 

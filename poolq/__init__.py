@@ -10,7 +10,7 @@ Example::
 """
 
 from . import events
-from .agent import Agent, operation
+from .agent import Agent, batched, operation
 from .client import (
     Arguments,
     AsyncClient,
@@ -41,6 +41,7 @@ from .errors import (
     AlreadyRunning,
     BrokerNotConfigured,
     BrokerUnavailable,
+    CallCancelled,
     CallTimeout,
     CheckoutTimeout,
     ConfigError,
@@ -92,6 +93,7 @@ __all__ = [
     "default_client",
     # agent
     "Agent",
+    "batched",
     "operation",
     # events
     "events",
@@ -122,6 +124,7 @@ __all__ = [
     "PoolqTimeout",
     "CheckoutTimeout",
     "CallTimeout",
+    "CallCancelled",
     "ResultTimeout",
     "AgentError",
     "AgentCrashed",

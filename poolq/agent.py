@@ -23,6 +23,12 @@ Example::
         @poolq.operation
         def batch(self, texts: list[str]) -> list[dict]:
             return [self.handle(t) for t in texts]
+
+        @poolq.batched(max_size=32, max_wait=0.005)
+        def label(self, texts: list[str]) -> list[dict]:
+            # poolq.call("classify", "one text", op="label") -> that text's dict:
+            # the calls waiting together arrive here as one list.
+            return [{"label": y} for y in self.model.predict_many(texts)]
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .errors import ConfigError, InvalidArguments, UnknownOperation
 
@@ -44,12 +52,87 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_OPERATION = "handle"
 
 _OPERATION_MARK = "__poolq_operation__"
+#: The attribute through which the worker answers :meth:`Agent.cancelled` during a call.
+CANCEL_CHECK = "_poolq_cancel_check"
+_BATCH_MARK = "__poolq_batch__"
+
+#: A batched operation's default largest batch, and its default wait (seconds) for more calls.
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_WAIT = 0.005
 
 
 def operation(fn: F) -> F:
     """Mark an agent method as a named operation callable with ``op="<name>"``."""
     setattr(fn, _OPERATION_MARK, True)
     return fn
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a node gathers the calls of one batched operation (see :func:`batched`)."""
+
+    #: The most calls in one invocation.
+    max_size: int = DEFAULT_BATCH_SIZE
+    #: Seconds a call waits for companions after it arrives, when a process is free.
+    max_wait: float = DEFAULT_BATCH_WAIT
+
+
+@overload
+def batched(fn: F, /) -> F: ...
+@overload
+def batched(*, max_size: int = DEFAULT_BATCH_SIZE, max_wait: float = DEFAULT_BATCH_WAIT) -> Callable[[F], F]: ...
+def batched(fn: Any = None, /, *, max_size: int = DEFAULT_BATCH_SIZE, max_wait: float = DEFAULT_BATCH_WAIT) -> Any:
+    """Mark an agent method as a batched operation: it serves many calls in one invocation.
+
+    Each call sends one item, ``poolq.call(pool, item, op="<name>")``, and gets
+    its own result. The worker node gathers the calls of the operation that
+    wait together (up to ``max_size``, waiting at most ``max_wait`` seconds
+    after the first while a process is free) and invokes the method once with
+    the list of their items. It must return a list of the same length, the
+    result of each item at its position; an ``Exception`` instance in a
+    position fails that call alone (its caller gets ``AgentError``). A method
+    that raises, or returns a list of another length, fails every call of the
+    batch. Outside a batch (a lease, a redelivered call) the method is invoked
+    with a list of one item. Example::
+
+        @poolq.batched(max_size=64, max_wait=0.01)
+        def embed(self, texts: list[str]) -> list[list[float]]:
+            return self.model.encode(texts).tolist()
+
+    Raises:
+        ConfigError: ``max_size`` is not an integer of at least 1, ``max_wait``
+            not a finite number of seconds of at least 0, or the method does
+            not take exactly one argument besides ``self``.
+    """
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+        raise ConfigError(f"@poolq.batched: max_size must be an integer >= 1, not {max_size!r}")
+    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not math.isfinite(max_wait):
+        raise ConfigError(f"@poolq.batched: max_wait must be a finite number of seconds, not {max_wait!r}")
+    if max_wait < 0:
+        raise ConfigError(f"@poolq.batched: max_wait must be >= 0 seconds, not {max_wait!r}")
+    spec = BatchSpec(max_size=max_size, max_wait=float(max_wait))
+
+    def mark(method: F) -> F:
+        if not callable(method):
+            raise ConfigError(f"@poolq.batched decorates a method, not {method!r}")
+        parameters = list(inspect.signature(method).parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if len(parameters) != 2 or any(p.kind not in positional for p in parameters):
+            raise ConfigError(
+                f"@poolq.batched: {getattr(method, '__qualname__', method)} must take exactly one argument "
+                "besides self: the list of items"
+            )
+        setattr(method, _OPERATION_MARK, True)
+        setattr(method, _BATCH_MARK, spec)
+        return method
+
+    return mark if fn is None else mark(fn)
+
+
+def batch_spec(method: Any) -> BatchSpec | None:
+    """The batching of an agent method, or None when it is not batched."""
+    spec = getattr(method, _BATCH_MARK, None)
+    return spec if isinstance(spec, BatchSpec) else None
 
 
 class Agent:
@@ -83,6 +166,27 @@ class Agent:
         """Serve a call made without ``op``. Must return plain JSON data."""
         raise NotImplementedError(f"{type(self).__name__} does not implement handle()")
 
+    def cancelled(self) -> bool:
+        """Whether the caller cancelled the call this agent runs now (False outside a call, and in a lease).
+
+        poolq never interrupts an operation for a cancel (it does at
+        ``call_timeout``): a long operation polls this where it can stop
+        cleanly, and returns. Its caller gets ``CallCancelled`` whatever it
+        returns, and the agent serves on, warm. It reads the state Redis at
+        most every 0.1 s, so a loop may ask at every step. Example::
+
+            @poolq.operation
+            def generate(self, prompt: str, max_tokens: int) -> str:
+                tokens = []
+                for _ in range(max_tokens):
+                    if self.cancelled():     # the web client went away
+                        break
+                    tokens.append(self.model.next_token(prompt, tokens))
+                return "".join(tokens)
+        """
+        check: Callable[[], bool] | None = getattr(self, CANCEL_CHECK, None)
+        return check is not None and check()
+
     def healthy(self) -> bool:
         """Say whether the agent can take more work; False recycles it."""
         return True
@@ -97,6 +201,13 @@ class Agent:
     def operations(cls) -> dict[str, inspect.Signature]:
         """The callable operations (``handle`` and every ``@operation``) and their signatures."""
         return _operation_table(cls)
+
+    @classmethod
+    def batched_operations(cls) -> dict[str, BatchSpec]:
+        """The ``@batched`` operations and how their calls are gathered."""
+        table = _operation_table(cls)
+        specs = {name: batch_spec(getattr(cls, name)) for name in table}
+        return {name: spec for name, spec in specs.items() if spec is not None}
 
     def bind(self, op: str | None, args: list[Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
         """Resolve ``op`` and check the arguments against its signature.
@@ -115,12 +226,50 @@ class Agent:
         if signature is None:
             known = ", ".join(sorted(ops))
             raise UnknownOperation(f"agent {type(self).__name__} has no operation {name!r} (known: {known})")
+        method = getattr(self, name)
+        if batch_spec(method) is not None:
+            item = batch_item(type(self), name, args, kwargs)
+            return lambda: _single(name, method, item)
         try:
             signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidArguments(f"{type(self).__name__}.{name}(): {exc}") from None
-        method = getattr(self, name)
         return lambda: method(*args, **kwargs)
+
+
+def batch_item(cls: type[Agent], op: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """The item a call of batched operation ``op`` sends: its one positional argument.
+
+    Raises:
+        InvalidArguments: the call sends keyword arguments, or not exactly one positional argument.
+    """
+    if len(args) != 1 or kwargs:
+        raise InvalidArguments(
+            f"{cls.__name__}.{op}() is batched: a call sends exactly one positional argument (its item), "
+            f"not {len(args)} positional and {len(kwargs)} keyword"
+        )
+    return args[0]
+
+
+def batch_results(op: str, results: Any, expected: int) -> list[Any]:
+    """Check what a batched operation returned: a list with one entry per item.
+
+    Raises:
+        TypeError: it is not a list (or tuple) of ``expected`` entries.
+    """
+    if not isinstance(results, (list, tuple)):
+        raise TypeError(f"batched operation {op}() must return a list, not {type(results).__name__}")
+    if len(results) != expected:
+        raise TypeError(f"batched operation {op}() returned {len(results)} results for {expected} items")
+    return list(results)
+
+
+def _single(op: str, method: Callable[[list[Any]], Any], item: Any) -> Any:
+    # A batched operation run for one call: a batch of one.
+    (result,) = batch_results(op, method([item]), 1)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 _TABLES: dict[type[Agent], dict[str, inspect.Signature]] = {}

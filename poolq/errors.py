@@ -111,6 +111,12 @@ class CallTimeout(PoolqTimeout):
     kind = "call_timeout"
 
 
+class CallCancelled(PoolqError):
+    """The call was cancelled (``Handle.revoke()``, a cancelled ``acall``): withdrawn unrun, or stopped mid-run."""
+
+    kind = "cancelled"
+
+
 class ResultTimeout(PoolqTimeout):
     """A cast's result was not ready within the wait given to ``Handle.result``."""
 

@@ -63,6 +63,19 @@ class Probe(poolq.Agent):
         return {"marker": marker, "pid": os.getpid(), "agent": self.name}
 
     @poolq.operation
+    def patient(self, marker: str, seconds: float = 30.0) -> dict[str, Any]:
+        """Run up to ``seconds``, stopping early once the call is cancelled (``stopped``), else ``done``."""
+        self.redis.rpush(f"{self.key}:ran", marker)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.cancelled():
+                self.redis.rpush(f"{self.key}:stopped", marker)
+                return {"marker": marker, "stopped": True, "pid": os.getpid()}
+            time.sleep(0.02)
+        self.redis.rpush(f"{self.key}:done", marker)
+        return {"marker": marker, "stopped": False, "pid": os.getpid()}
+
+    @poolq.operation
     def hog(self, mb: int) -> int:
         """Hold ``mb`` MB in the agent (given back by teardown)."""
         self.ballast = bytearray(mb * 2**20)
@@ -161,7 +174,7 @@ def max_running(redis_client: redis.Redis, pool: str) -> int:
 
 
 def clear(redis_client: redis.Redis, pool: str) -> None:
-    keys = ("events", "ran", "done", "running", "max_running", "fail_setup", "starts")
+    keys = ("events", "ran", "done", "stopped", "running", "max_running", "fail_setup", "starts")
     redis_client.delete(*(f"test:{pool}:{key}" for key in keys))
 
 

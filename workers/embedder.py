@@ -44,6 +44,15 @@ class Embedder(poolq.Agent):
         vectors = self.model.encode(list(texts), normalize_embeddings=True)
         return [[round(float(x), 6) for x in row] for row in vectors]
 
+    @poolq.batched(max_size=32, max_wait=0.005)
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One text per call, its vector per caller: ``poolq.call("embed", "some text", op="embed")``.
+
+        The calls that wait together are encoded as one batch (one forward
+        pass), which is where a model's throughput comes from.
+        """
+        return self.handle(texts)
+
     @poolq.operation
     def similarity(self, a: str, b: str) -> float:
         """Cosine similarity of two texts, in [-1, 1]."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 import uuid
 import weakref
@@ -43,10 +44,14 @@ from .sync import Client, default_client
 
 T = TypeVar("T")
 
+logger = logging.getLogger("poolq.client")
+
 #: Threads that publish calls for one async client.
 SEND_THREADS = 4
 #: Replies taken off the mailbox per round trip once one arrived.
 DRAIN_BATCH = 256
+#: Seconds a cancelled ``acall`` spends withdrawing its call before it lets the cancel through regardless.
+WITHDRAW_TIMEOUT = 2.0
 
 
 class _Mailbox:
@@ -125,7 +130,15 @@ class AsyncClient:
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def call(self, pool: str, /, *args: Any, **keywords: Any) -> Any:
-        """``await`` a call: the arguments, options, result and errors of :meth:`Client.call`."""
+        """``await`` a call: the arguments, options, result and errors of :meth:`Client.call`.
+
+        Cancelling the task that awaits it (a web request whose client went
+        away, ``asyncio.wait_for`` running out) cancels the call too: still
+        queued, it is withdrawn and never runs; running, its agent is asked to
+        stop (see :meth:`poolq.Agent.cancelled`). The ``CancelledError`` goes
+        on as soon as the withdraw is sent (one round trip, at most
+        :data:`WITHDRAW_TIMEOUT` seconds).
+        """
         client = self.client
         spec = core.admit(client.config, pool, args, keywords)
         mailbox, task_id = self._mailbox(), str(uuid.uuid4())
@@ -133,6 +146,9 @@ class AsyncClient:
         try:
             redelivery = client.config.redelivery_window
             return await self.run(core.call(client.gate, spec, task_id, mailbox.key, redelivery))
+        except asyncio.CancelledError:
+            await _withdraw(mailbox.state, task_id)
+            raise
         finally:
             mailbox.pending.pop(task_id, None)
 
@@ -155,9 +171,7 @@ class AsyncClient:
                 script, count, *names_and_args = protocol.give_up_command(effect.task_id, effect.reply_to)
                 owner, *attempts = await state.eval(script, count, *names_and_args)
                 owner = str(owner or "")
-                alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
-                    await state.exists(keys.agent(owner))
-                )
+                alive = owner not in ("", *protocol.CLOSED) and bool(await state.exists(keys.agent(owner)))
                 return protocol.ClaimView(owner, int(attempts[0]) if attempts else 0, alive)
             if isinstance(effect, ReadPool):
                 return await self._read_pool(state, effect.pool)
@@ -292,6 +306,27 @@ class AsyncLease(LeaseCore):
     async def release(self, broken: bool = False) -> None:
         """Give the agent back (reset, or recycled when ``broken``). Idempotent."""
         await self.aclient.run(self.release_steps(broken))
+
+
+async def _withdraw(state: redis.asyncio.Redis, task_id: str) -> None:
+    """Cancel the call of a cancelled ``acall``, best effort: never raises but a second ``CancelledError``.
+
+    Awaited before the first cancel goes on, so that once it has, the call is
+    withdrawn (or its agent asked to stop). The command is shielded: a second
+    cancel stops this wait, not the withdraw. The call may not even be sent
+    yet (its send goes on in a thread): its claim says cancelled all the same,
+    and the worker that gets it drops it.
+    """
+    script, count, *names_and_args = protocol.cancel_command(task_id)
+
+    async def send() -> None:
+        try:
+            answer = await asyncio.wait_for(state.eval(script, count, *names_and_args), WITHDRAW_TIMEOUT)
+            logger.debug("cancelled call %s: %s", task_id, protocol.revocation(answer))
+        except (redis.RedisError, OSError, asyncio.TimeoutError, ValueError) as exc:
+            logger.warning("could not withdraw cancelled call %s: %s", task_id, exc)
+
+    await asyncio.shield(send())
 
 
 async def _pop(state: redis.asyncio.Redis, key: str, deadline: float) -> str | None:

@@ -26,7 +26,7 @@ class Handle:
 
     Its result stays readable by id for ``result_expires`` seconds (``[poolq]``
     in the configuration, a day by default), and raises the same typed errors
-    as :func:`call`.
+    as :func:`call`. :meth:`revoke` cancels the call.
     """
 
     #: Longest single wait on the result's notification list: another reader
@@ -57,7 +57,7 @@ class Handle:
             if stored is not None:
                 return "SUCCESS" if "ok" in json.loads(stored) else "FAILURE"
             owner = client.state.hget(keys.claim(self.id), "owner")
-        if owner == protocol.EXPIRED:
+        if owner in (protocol.EXPIRED, protocol.CANCELLED):
             return "FAILURE"
         return "PENDING" if owner is None else "STARTED"
 
@@ -67,11 +67,40 @@ class Handle:
         with client.translate_errors():
             return bool(client.state.exists(keys.result(self.id)))
 
+    def revoke(self) -> protocol.Revocation:
+        """Cancel the call, from any process: what became of it.
+
+        - ``"withdrawn"``: no agent had taken it; it will never run.
+        - ``"interrupting"``: an agent runs it; it is asked to stop (an agent
+          that polls :meth:`poolq.Agent.cancelled` returns early, any other
+          finishes its operation) and ends in ``CallCancelled`` whatever it
+          returns.
+        - ``"finished"``: it had ended; its result stays as it was.
+
+        Either way but the last, :meth:`result` raises
+        :class:`~poolq.errors.CallCancelled`. Revoking again says the same.
+        The cancel and the call's own claim and finish are one Redis script
+        each on the call's claim, so whichever comes first decides.
+
+        Raises:
+            BrokerUnavailable
+        """
+        client = self.client
+        with client.translate_errors():
+            return protocol.cancel(
+                client.scripts,
+                self.id,
+                reply_to=keys.reply(self.id),
+                result=keys.result(self.id),
+                result_ttl=client.config.project.result_expires,
+            )
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait up to ``timeout`` seconds (default: forever) and return the result.
 
         Raises:
             ResultTimeout: the call has not finished within ``timeout``.
+            CallCancelled: the call was revoked (see :meth:`revoke`).
             CheckoutTimeout, CallTimeout, AgentError, AgentCrashed, ...: as :meth:`Client.call`.
         """
         client = self.client

@@ -74,8 +74,9 @@ async def as_completed(
 
     When the first failure raises (without ``return_exceptions``) or the
     generator is closed early (``break``, ``aclose()``), the calls still in
-    flight are no longer waited for (a call already sent still runs on its
-    agent; its result is dropped) and no further item is read or sent.
+    flight are cancelled like any cancelled ``acall``: a queued one is
+    withdrawn and never runs, a running one is asked to stop (see
+    :meth:`poolq.Agent.cancelled`). No further item is read or sent.
     """
     limit = concurrency or await default_concurrency(aclient, pool)
     if limit < 1:

@@ -15,6 +15,7 @@ The call path, top to bottom (the steps are :func:`poolq.client.core.call`)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import uuid
@@ -115,6 +116,7 @@ class Client:
             UnknownPool, InvalidOption, InvalidPayload, PoolExhausted, PoolDegraded, PoolClosed: before sending.
             CheckoutTimeout: no agent took the call within ``timeout``.
             CallTimeout: the agent did not finish within ``call_timeout``.
+            CallCancelled: the call was cancelled (Ctrl-C here cancels it: see :meth:`Handle.revoke`).
             AgentError: the agent raised; ``remote_type``, ``message`` and
                 ``remote_traceback`` describe it.
             UnknownOperation, InvalidArguments, AgentUnavailable, AgentCrashed, BrokerUnavailable.
@@ -122,7 +124,14 @@ class Client:
         spec = core.admit(self.config, pool, args, keywords)
         task_id = str(uuid.uuid4())
         redelivery = self.config.redelivery_window
-        return self.run(core.call(self.gate, spec, task_id, keys.reply(task_id), redelivery))
+        try:
+            return self.run(core.call(self.gate, spec, task_id, keys.reply(task_id), redelivery))
+        except KeyboardInterrupt:
+            # Ctrl-C: nobody will read the reply, so cancel the call (see
+            # Handle.revoke), best effort, and stop anyway.
+            with contextlib.suppress(redis.RedisError, OSError):
+                protocol.cancel(self.scripts, task_id)
+            raise
 
     def cast(self, pool: str, /, *args: Any, **keywords: Any) -> Handle:
         """Send a call and return at once with a :class:`Handle` on its result.
@@ -168,8 +177,8 @@ class Client:
         With ``ordered=False``, an iterator of :class:`~poolq.Completed`
         ``(index, result)`` pairs instead, each as soon as its call completes.
         It reads ``items`` lazily and sends the next one as each result is
-        taken. Leaving it early (``break``, ``close()``) stops waiting for the
-        calls in flight (sent ones still run) and ends its thread::
+        taken. Leaving it early (``break``, ``close()``) cancels the calls in
+        flight (queued ones never run; see :meth:`Handle.revoke`) and ends its thread::
 
             for index, result in client.map("echo", texts, ordered=False):
                 print(texts[index], "->", result)
@@ -341,9 +350,7 @@ class Client:
         owner, attempts = protocol.give_up(
             self.scripts, task_id, reply_to=reply_to, result=result, result_ttl=self.config.project.result_expires
         )
-        alive = owner not in ("", protocol.EXPIRED, protocol.DONE) and bool(
-            self.scripts.command("EXISTS", keys.agent(owner))
-        )
+        alive = owner not in ("", *protocol.CLOSED) and bool(self.scripts.command("EXISTS", keys.agent(owner)))
         return protocol.ClaimView(owner=owner, attempts=attempts, alive=alive)
 
     @staticmethod

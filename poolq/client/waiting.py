@@ -15,7 +15,8 @@ module computes from the call's claim, read when the previous step ended:
 - its agent died: the broker gives the call to another agent (redelivery),
   so wait ``redelivery`` seconds for that delivery to show;
 - the call is done but no reply came: the reply was lost with the state
-  Redis (:class:`BrokerUnavailable`).
+  Redis (:class:`BrokerUnavailable`);
+- somebody withdrew the call (``Handle(id).revoke()``): :class:`CallCancelled`.
 
 So a call that no agent dies on is answered or raises within
 ``timeout + call_timeout + CALL_GRACE``; each delivery lost to a dying agent
@@ -27,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import BrokerUnavailable, CallTimeout, CheckoutTimeout, PoolqError
-from ..store.protocol import CALL_GRACE, DONE, ClaimView
+from ..errors import BrokerUnavailable, CallCancelled, CallTimeout, CheckoutTimeout, PoolqError
+from ..store.protocol import CALL_GRACE, CANCELLED, DONE, ClaimView
 
 #: Seconds a caller waits for the reply of a call whose claim says it is done.
 REPLY_SLACK = 1.0
@@ -66,8 +67,10 @@ class CallWait:
         """When to look again, given the claim read at ``now``.
 
         Raises:
-            CheckoutTimeout, CallTimeout, BrokerUnavailable: the caller stops waiting.
+            CheckoutTimeout, CallTimeout, CallCancelled, BrokerUnavailable: the caller stops waiting.
         """
+        if claim.owner == CANCELLED:
+            raise CallCancelled(f"the {self.what} on pool {self.pool!r} was cancelled before an agent took it")
         if claim.given_up:
             raise CheckoutTimeout(
                 f"no agent of pool {self.pool!r} took the {self.what} within {self.timeout:g}s; it will not run"

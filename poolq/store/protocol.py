@@ -17,6 +17,13 @@ back until that run ends; a copy whose runner died is taken over (whatever
 its deadline: it was accepted); a copy that killed ``max_deliveries``
 runners fails as a poison pill.
 
+**Cancelling** (``Handle.revoke()``, a cancelled ``acall``) goes through the
+same record: a call nobody claimed yet is claimed as ``cancelled`` (it never
+runs, like an expired one); a call an agent holds gets a ``cancel`` field,
+which the agent may poll and which replaces the call's reply when it
+finishes. Celery's own revoke is not used: it is a list of ids in each
+worker's memory, lost on restart and not shared with nodes that start later.
+
 **The reply** (a list the caller names: ``poolq:reply:<task id>``, or an
 event loop's mailbox): the worker pushes one JSON document and the caller
 ``BLPOP``\\ s it. A cast's reply also goes to ``poolq:result:<task id>``,
@@ -31,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 from .. import errors
 from . import keys
@@ -65,6 +72,10 @@ CLAIM_TTL = 2 * 3600
 
 EXPIRED = "expired"
 DONE = "done"
+#: A claim's owner once its call was withdrawn before any agent took it (it never runs).
+CANCELLED = "cancelled"
+#: Claims that say the call is over, or never runs: a worker that finds one drops its message.
+CLOSED = (EXPIRED, DONE, CANCELLED)
 #: A claim's verdict when the worker found the call unclaimed past its deadline.
 TIMED_OUT = "timed_out"
 
@@ -111,12 +122,17 @@ return attempts
 # reply ttl, claim ttl, now, agent requests, 1 if the operation ran, the
 # agent's state from now on, result ttl.  The agent record is only touched
 # while its heartbeat lives, so a late finish cannot resurrect a record
-# without a TTL.
+# without a TTL.  A call cancelled while it ran (the claim's 'cancel' field,
+# see _CANCEL) gets that CallCancelled reply instead of its own, whatever its
+# outcome: returns 2 then, else 1.
 _FINISH = """
-redis.call('RPUSH', KEYS[1], ARGV[1])
+local reply = ARGV[1]
+local cancelled = redis.call('HGET', KEYS[2], 'cancel')
+if cancelled and reply ~= '' then reply = cancelled end
+redis.call('RPUSH', KEYS[1], reply)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if KEYS[5] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[8])
+  redis.call('SET', KEYS[5], reply, 'EX', ARGV[8])
 end
 redis.call('HSET', KEYS[2], 'owner', 'done')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
@@ -126,6 +142,7 @@ end
 if ARGV[6] == '1' then
   redis.call('HINCRBY', KEYS[4], 'requests', 1)
 end
+if cancelled and reply == cancelled then return 2 end
 return 1
 """
 
@@ -145,6 +162,41 @@ if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
 end
 return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
 """
+
+
+# KEYS: claim, reply ('' for none), result ('' for none).  ARGV: claim ttl,
+# the CallCancelled reply of a withdrawn call, reply ttl, result ttl, the
+# CallCancelled reply of an interrupted one.  One script, like _GIVE_UP, so
+# that whoever comes first (a claim, a give-up, a finish, this) decides:
+# - nobody holds the call: it is marked cancelled (no agent ever runs it) and
+#   the reply written: 'withdrawn';
+# - an agent holds it: the claim's 'cancel' field is set, which the agent
+#   can poll (Agent.cancelled) and which _FINISH puts in place of the call's
+#   own reply: 'interrupting';
+# - it is over (done, expired, a cast's result kept): 'finished', nothing changes.
+_CANCEL = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner == 'cancelled' then return 'withdrawn' end
+if owner == 'done' or owner == 'expired' then return 'finished' end
+-- A claim outlives neither: a cast whose claim is gone but whose result is kept is over.
+if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return 'finished' end
+if not owner then
+  redis.call('HSET', KEYS[1], 'owner', 'cancelled')
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  if KEYS[2] ~= '' then
+    redis.call('RPUSH', KEYS[2], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+  if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[4]) end
+  return 'withdrawn'
+end
+redis.call('HSETNX', KEYS[1], 'cancel', ARGV[5])
+return 'interrupting'
+"""
+
+#: What :func:`cancel` says: the call never runs; it runs and is asked to stop
+#: (it ends in CallCancelled whatever it returns); it was over already.
+Revocation = Literal["withdrawn", "interrupting", "finished"]
 
 
 @dataclass(frozen=True)
@@ -220,6 +272,49 @@ def give_up(
     return str(owner or ""), int(attempts[0]) if attempts else 0
 
 
+def cancel_command(task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0) -> list[Any]:
+    """The EVAL arguments of a cancel (see :func:`cancel`), for any Redis client."""
+    withdrawn = errors.CallCancelled(f"call {task_id} was cancelled before an agent took it; it did not run")
+    stopped = errors.CallCancelled(f"call {task_id} was cancelled while it ran; its result is dropped")
+    names = [keys.claim(task_id), reply_to, result]
+    ttl = result_ttl or REPLY_TTL
+    # A withdrawn cast may sit in the queue as long as its result is kept:
+    # its claim must say "cancelled" until a worker finds it.
+    args = [
+        max(CLAIM_TTL, ttl),
+        encode_error(task_id, withdrawn, ""),
+        REPLY_TTL,
+        ttl,
+        encode_error(task_id, stopped, ""),
+    ]
+    return [_CANCEL, len(names), *names, *args]
+
+
+def cancel(scripts: Scripts, task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0) -> Revocation:
+    """Cancel a call: withdraw it if no agent took it yet, else ask its agent to stop.
+
+    Returns ``"withdrawn"`` (it will never run; a CallCancelled reply went to
+    ``reply_to`` and ``result``, if given), ``"interrupting"`` (an agent runs
+    it: the call ends in CallCancelled, early if the agent polls
+    :meth:`~poolq.Agent.cancelled`) or ``"finished"`` (it was over: nothing changes).
+    """
+    script, count, *rest = cancel_command(task_id, reply_to, result, result_ttl)
+    return revocation(scripts.run(script, keys=rest[:count], args=rest[count:]))
+
+
+def revocation(answer: Any) -> Revocation:
+    """The answer of the cancel script, checked."""
+    said = answer.decode() if isinstance(answer, bytes) else str(answer)
+    if said not in ("withdrawn", "interrupting", "finished"):
+        raise ValueError(f"unexpected answer to a cancel: {said!r}")
+    return cast(Revocation, said)
+
+
+def cancel_requested(scripts: Scripts, task_id: str) -> bool:
+    """Whether the running call ``task_id`` was cancelled (one round trip)."""
+    return bool(scripts.command("HEXISTS", keys.claim(task_id), "cancel"))
+
+
 def finish(
     scripts: Scripts,
     task_id: str,
@@ -234,19 +329,23 @@ def finish(
     result: str = "",
     result_ttl: int = 0,
     retry_until: float | None = None,
-) -> None:
+) -> bool:
     """In one round trip: push the reply (and keep a cast's result), close the claim, set the agent's state.
 
     With ``retry_until`` (monotonic), a state Redis that is unreachable (a
     restart) is tried again until then, so a call that finished during the
     outage still reaches its caller.
+
+    Returns True when the call had been cancelled while it ran: its caller got
+    CallCancelled instead of ``reply``.
     """
     names = [reply_to or keys.reply(task_id), keys.claim(task_id), keys.agent(agent_id) if agent_id else "", stats_key]
     args = [reply, REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state, result_ttl or REPLY_TTL]
     if retry_until is None:
-        scripts.run(_FINISH, keys=[*names, result], args=args)
+        answer = scripts.run(_FINISH, keys=[*names, result], args=args)
     else:
-        scripts.run_until(retry_until, _FINISH, keys=[*names, result], args=args)
+        answer = scripts.run_until(retry_until, _FINISH, keys=[*names, result], args=args)
+    return int(answer) == 2
 
 
 def deadline_after(seconds: float | None) -> float | None:

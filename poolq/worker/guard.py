@@ -66,9 +66,12 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
     if node is None:  # not a pool's node (the maintainer never gets pool calls)
         return handle
     guard = Guard(node.state, node.pool.name, node.pool.max_payload_bytes, node.hostname, consumer)
+    batcher = _batcher(node, consumer)
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **extra: Any) -> Any:
         def resume() -> Any:
+            if batcher is not None and batcher.takes(message):
+                return batcher.add(message)  # a call of a @batched operation waits for its batch
             return handle(message, body, ack, reject, callbacks, **extra)
 
         if guard.admit(message, resume):
@@ -76,6 +79,21 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
         return None
 
     return on_message
+
+
+def _batcher(node: Any, consumer: Any) -> Any:
+    """The node's batch buffers, when its agents have ``@batched`` operations (else None)."""
+    from ..agent import load_agent_class
+    from .batching import Batcher
+
+    specs = load_agent_class(node.pool).batched_operations()
+    if not specs:
+        return None
+    scaler = node.scaler
+    return Batcher(
+        specs, consumer.pool, consumer.timer, tuple(consumer.connection_errors),
+        on_finished=scaler.process_finished if scaler is not None else None,
+    )  # fmt: skip
 
 
 class Guard:
@@ -154,7 +172,7 @@ class Guard:
             return RUN  # the agent's own claim decides (and waits out the outage)
         if owner is None:
             return RUN  # never started: an agent takes it
-        if owner in (protocol.EXPIRED, protocol.DONE):
+        if owner in protocol.CLOSED:
             return DROP
         return HOLD if owner_alive(self.state, self.hostname, str(owner)) else RUN
 

@@ -31,6 +31,7 @@ from ..config import Config, PoolConfig
 from ..errors import (
     AgentCrashed,
     AgentUnavailable,
+    CallCancelled,
     CallTimeout,
     CheckoutTimeout,
     InvalidArguments,
@@ -38,7 +39,7 @@ from ..errors import (
     UnknownOperation,
 )
 from ..store import connection, keys, messages, protocol, ratelimit, registry
-from . import lease, limits
+from . import cancelling, lease, limits
 from .host import AgentHost
 from .slot import AgentSlot
 
@@ -201,7 +202,7 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
     """Claim the call for this agent: the delivery number.
 
     Raises:
-        Ignore: the call must not run here (done, or given up by its caller).
+        Ignore: the call must not run here (done, given up or withdrawn by its caller).
         Reject: its first run is alive (the node holds this copy back and retries).
         CheckoutTimeout: still unclaimed past its deadline: it never runs.
         AgentCrashed: it killed its runner ``max_deliveries`` times.
@@ -218,8 +219,11 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
         expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
         _fail(runtime, slot, call, expired)
         raise expired
-    if claim.owner in (protocol.EXPIRED, protocol.DONE):
+    if claim.owner in protocol.CLOSED:
         logger.info("skipping call %s: already %s", call.task_id, claim.owner)
+        if claim.owner == protocol.CANCELLED:
+            # Withdrawn while queued: not run, not counted as a request; its caller has its reply.
+            _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "withdrawn before an agent took it")
         raise Ignore()
     if _owner_alive(runtime, claim.owner):
         logger.info("call %s: its first run (%s) is alive; holding this copy back", call.task_id, claim.owner)
@@ -281,8 +285,11 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         _fail(runtime, slot, call, timeout, ran=True, agent_state="stopped")
 
     try:
-        with limits.limit(
-            call.call_timeout, limits.CallDeadline, report_stuck, f"call {call.task_id}", hard=runtime.hard_limits
+        with (
+            limits.limit(
+                call.call_timeout, limits.CallDeadline, report_stuck, f"call {call.task_id}", hard=runtime.hard_limits
+            ),
+            cancelling.watching(agent, runtime.scripts, call.task_id),
         ):
             result = operation()
     except limits.CallDeadline:
@@ -305,12 +312,15 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         _fail(runtime, slot, call, error, ran=True)
         runtime.host.after_call(slot)
         raise error from None
-    _finish(runtime, slot, call, reply, ran=True)
-    events.emit(
-        events.CallSucceeded(
-            runtime.pool.name, op=call.operation, agent=slot.name, task_id=call.task_id, duration_s=_since(call)
+    if _finish(runtime, slot, call, reply, ran=True):
+        # Cancelled while it ran: its caller got CallCancelled, not this result.
+        _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
+    else:
+        events.emit(
+            events.CallSucceeded(
+                runtime.pool.name, op=call.operation, agent=slot.name, task_id=call.task_id, duration_s=_since(call)
+            )
         )
-    )
     # Busy agents recycle right after the call that reached a limit, before the
     # process takes more work (the reply is already on its way).
     runtime.host.after_call(slot)
@@ -345,9 +355,18 @@ def _fail(
     agent_state: str = "idle",
 ) -> None:
     error = messages.encode_error(call.task_id, exc, None if with_traceback else "")
-    _finish(runtime, slot, call, error, ran, agent_state)
+    cancelled = _finish(runtime, slot, call, error, ran, agent_state)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
+    if cancelled:
+        # Its caller got CallCancelled instead of this error.
+        message = f"cancelled while it ran; it ended in {type(exc).__name__}: {exc}"
+        _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", message)
+    else:
+        _emit_failed(runtime, slot, call, messages.error_kind(exc), type(exc).__name__, str(exc))
+
+
+def _emit_failed(runtime: Runtime, slot: AgentSlot, call: Call, kind: str, error_type: str, message: str) -> None:
     events.emit(
         events.CallFailed(
             runtime.pool.name,
@@ -355,9 +374,9 @@ def _fail(
             agent=slot.name,
             task_id=call.task_id,
             duration_s=_since(call),
-            kind=messages.error_kind(exc),
-            error_type=type(exc).__name__,
-            message=str(exc)[:500],
+            kind=kind,
+            error_type=error_type,
+            message=message[:500],
             ran=call.started is not None,
         )
     )
@@ -375,8 +394,9 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool, agent_state: str = "idle") -> None:
-    protocol.finish(
+def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool, agent_state: str = "idle") -> bool:
+    """Send the call's reply (see :func:`~poolq.store.protocol.finish`): whether a cancel replaced it."""
+    return protocol.finish(
         runtime.scripts,
         call.task_id,
         reply,

@@ -40,7 +40,7 @@ from ..app import CONTROL_QUEUE, MAINTAIN_TASK
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
 from ..store import connection, queues, registry
-from . import placement, runtime, scaler
+from . import batching, placement, runtime, scaler
 from .beacon import NodeBeacon
 from .redelivery import Renewal, uses_visibility
 from .scaler import TICK, NodeScaler, RetireRequests
@@ -113,7 +113,9 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             )
         # Fail here, in the main process, on an agent that cannot be imported,
         # instead of in every child (which Celery would respawn forever).
-        load_agent_class(pool)
+        agent_class = load_agent_class(pool)
+        # Batched operations: the node takes enough calls from the queue to fill their batches.
+        worker.prefetch_multiplier = batching.prefetch_multiplier(agent_class, int(worker.prefetch_multiplier))
         # Reads the GPUs (never CUDA) once, before the fork: the children inherit what it found.
         unplaced = placement.check(pool)
         if unplaced:
