@@ -52,7 +52,7 @@ from ..errors import (
 )
 from ..store import messages, protocol
 from . import limits
-from .runtime import Call, Runtime, _admit, _emit_failed, _fail, _finish, _rate_slot, current
+from .runtime import Call, Runtime, admit, current, emit_failed, fail, finish, take_rate_slot
 
 logger = logging.getLogger("poolq.worker")
 
@@ -254,7 +254,7 @@ def run_batch(op: str, items: list[dict[str, Any]]) -> list[str]:
         for index, item in enumerate(items):
             call = Call.from_request(SimpleNamespace(id=item["id"], **item["headers"]))
             try:
-                call.delivery = _admit(runtime, slot, call)
+                call.delivery = admit(runtime, slot, call)
             except Ignore:
                 continue  # done already, or given up by its caller
             except Reject:
@@ -286,17 +286,17 @@ def _run(runtime: Runtime, slot: Any, op: str, batch: list[Item]) -> None:
             raise UnknownOperation(f"agent {type(agent).__name__} has no batched operation {op!r}")
     except (AgentUnavailable, UnknownOperation) as exc:
         for item in batch:
-            _fail(runtime, slot, item.call, exc)
+            fail(runtime, slot, item.call, exc)
         return
     ready: list[Item] = []
     for item in batch:
         try:
             item.value = batch_item(type(agent), op, item.args, item.kwargs)
         except InvalidArguments as exc:
-            _fail(runtime, slot, item.call, exc)
+            fail(runtime, slot, item.call, exc)
             continue
-        if not _rate_slot(runtime, item.call):
-            _fail(runtime, slot, item.call, CheckoutTimeout(f"call {item.call.task_id} got no rate_limit slot in time"))
+        if not take_rate_slot(runtime, item.call):
+            fail(runtime, slot, item.call, CheckoutTimeout(f"call {item.call.task_id} got no rate_limit slot in time"))
             continue
         ready.append(item)
     if not ready:
@@ -316,7 +316,7 @@ def _run(runtime: Runtime, slot: Any, op: str, batch: list[Item]) -> None:
 
     def fail_all(exc: BaseException, **how: Any) -> None:
         for item in ready:
-            _fail(runtime, slot, item.call, exc, ran=True, **how)
+            fail(runtime, slot, item.call, exc, ran=True, **how)
 
     try:
         with limits.limit(
@@ -343,17 +343,17 @@ def _run(runtime: Runtime, slot: Any, op: str, batch: list[Item]) -> None:
 def _answer(runtime: Runtime, slot: Any, op: str, call: Call, result: Any) -> None:
     """Send one caller its own result, or its own error (an Exception instance in its position)."""
     if isinstance(result, BaseException):
-        _fail(runtime, slot, call, result, with_traceback=True, ran=True)
+        fail(runtime, slot, call, result, with_traceback=True, ran=True)
         return
     try:
         reply = messages.encode_result(call.task_id, result)
     except (TypeError, ValueError, RecursionError) as exc:
         error = TypeError(f"{op}() returned a value that is not plain JSON: {exc}")
-        _fail(runtime, slot, call, error, ran=True)
+        fail(runtime, slot, call, error, ran=True)
         return
-    if _finish(runtime, slot, call, reply, ran=True):
+    if finish(runtime, slot, call, reply, ran=True):
         # Cancelled while its batch ran: its caller got CallCancelled, not this result.
-        _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
+        emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
         return
     events.emit(
         events.CallSucceeded(

@@ -158,16 +158,16 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
     call = Call.from_request(task.request)
     with runtime.host.checkout() as slot:
         try:
-            attempt = call.delivery = _admit(runtime, slot, call)
+            attempt = call.delivery = admit(runtime, slot, call)
             if call.lease:
                 # A lease redelivered after its agent died is not served again:
                 # its client has lost that agent's state and hears LeaseLost.
                 if attempt > 1:
-                    _finish(runtime, slot, call, "", ran=False)
+                    finish(runtime, slot, call, "", ran=False)
                     return summary(runtime.pool, call, slot.name, ended="agent died")
                 ended, broken = lease.serve(runtime, slot, call.lease, call.lease_ttl)
                 served_by = slot.name  # before a recycle renames the slot
-                _finish(runtime, slot, call, "", ran=False, agent_state="recycling" if broken else "idle")
+                finish(runtime, slot, call, "", ran=False, agent_state="recycling" if broken else "idle")
                 lease.end(runtime, slot, ended, broken)
                 runtime.host.after_call(slot)
                 return summary(runtime.pool, call, served_by, ended=ended)
@@ -178,7 +178,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
             # Whatever went wrong, the caller hears it now rather than at its timeout.
             if not getattr(exc, _REPORTED, False):
                 with contextlib.suppress(redis.RedisError):
-                    _fail(runtime, slot, call, exc, with_traceback=True)
+                    fail(runtime, slot, call, exc, with_traceback=True)
             raise
 
 
@@ -198,7 +198,7 @@ def summary(pool: PoolConfig, call: Call, agent: str, **more: str) -> dict[str, 
     return shown
 
 
-def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
+def admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
     """Claim the call for this agent: the delivery number.
 
     Raises:
@@ -217,13 +217,13 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
         # Celery's own expiry would drop the message unseen, even a call an agent
         # had started and died on; the claim makes the verdict, atomically.
         expired = CheckoutTimeout(f"call {call.task_id} waited past its timeout before an agent was free")
-        _fail(runtime, slot, call, expired)
+        fail(runtime, slot, call, expired)
         raise expired
     if claim.owner in protocol.CLOSED:
         logger.info("skipping call %s: already %s", call.task_id, claim.owner)
         if claim.owner == protocol.CANCELLED:
             # Withdrawn while queued: not run, not counted as a request; its caller has its reply.
-            _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "withdrawn before an agent took it")
+            emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "withdrawn before an agent took it")
         raise Ignore()
     if _owner_alive(runtime, claim.owner):
         logger.info("call %s: its first run (%s) is alive; holding this copy back", call.task_id, claim.owner)
@@ -238,7 +238,7 @@ def _admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
             f"call {call.task_id} killed its worker process {attempts - 1} times; not delivered again "
             f"(max_deliveries = {runtime.pool.max_deliveries})",
         )
-        _fail(runtime, slot, call, exc)
+        fail(runtime, slot, call, exc)
         raise exc
     return attempts
 
@@ -252,23 +252,23 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         stats = {str(k): str(v) for k, v in runtime.state.hgetall(keys.stats(runtime.pool.name)).items()}
         if registry.breaker_open(stats, time.time()):
             degraded = PoolDegraded(f"pool {runtime.pool.name!r} is degraded: {stats.get('breaker_error', exc)}")
-            _fail(runtime, slot, call, degraded)
+            fail(runtime, slot, call, degraded)
             raise degraded from None
-        _fail(runtime, slot, call, exc)
+        fail(runtime, slot, call, exc)
         raise
     except UnknownOperation as exc:
-        _fail(runtime, slot, call, exc)
+        fail(runtime, slot, call, exc)
         raise
     except InvalidArguments as exc:
-        _fail(runtime, slot, call, exc)
+        fail(runtime, slot, call, exc)
         raise
 
-    if not _rate_slot(runtime, call):
+    if not take_rate_slot(runtime, call):
         late = CheckoutTimeout(
             f"call {call.task_id} waited past its timeout for a slot of the pool's rate_limit "
             f"({runtime.pool.rate}); it will not run"
         )
-        _fail(runtime, slot, call, late)
+        fail(runtime, slot, call, late)
         raise late
     served_by = slot.name  # before a recycle after the call renames the slot
     slot.requests += 1
@@ -282,7 +282,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
 
     def report_stuck() -> None:
         # From the watchdog, just before it ends this process.
-        _fail(runtime, slot, call, timeout, ran=True, agent_state="stopped")
+        fail(runtime, slot, call, timeout, ran=True, agent_state="stopped")
 
     try:
         with (
@@ -293,12 +293,12 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         ):
             result = operation()
     except limits.CallDeadline:
-        _fail(runtime, slot, call, timeout, ran=True, agent_state="recycling")
+        fail(runtime, slot, call, timeout, ran=True, agent_state="recycling")
         # The agent was interrupted mid-operation: never hand it out again as is.
         runtime.host.recycle(slot, "call_timeout: interrupted mid-operation")
         raise timeout from None
     except Exception as exc:
-        _fail(runtime, slot, call, exc, with_traceback=True, ran=True)
+        fail(runtime, slot, call, exc, with_traceback=True, ran=True)
         # An agent that raised stays in service unless its health says otherwise.
         if not runtime.host.healthy(slot):
             runtime.host.recycle(slot, f"health: unhealthy after {type(exc).__name__}")
@@ -309,12 +309,12 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         reply = messages.encode_result(call.task_id, result)
     except (TypeError, ValueError, RecursionError) as exc:
         error = TypeError(f"{call.operation}() returned a value that is not plain JSON: {exc}")
-        _fail(runtime, slot, call, error, ran=True)
+        fail(runtime, slot, call, error, ran=True)
         runtime.host.after_call(slot)
         raise error from None
-    if _finish(runtime, slot, call, reply, ran=True):
+    if finish(runtime, slot, call, reply, ran=True):
         # Cancelled while it ran: its caller got CallCancelled, not this result.
-        _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
+        emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
     else:
         events.emit(
             events.CallSucceeded(
@@ -327,7 +327,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
     return served_by
 
 
-def _rate_slot(runtime: Runtime, call: Call) -> bool:
+def take_rate_slot(runtime: Runtime, call: Call) -> bool:
     """Take a slot of the pool's rate limit for the call, waiting for one until its deadline: whether it got one.
 
     Taken here, right before the operation starts, so the limit counts
@@ -345,7 +345,7 @@ def _rate_slot(runtime: Runtime, call: Call) -> bool:
     return ratelimit.wait(runtime.scripts, runtime.pool.name, rate, member, deadline=deadline, retry=STATE_RETRY)
 
 
-def _fail(
+def fail(
     runtime: Runtime,
     slot: AgentSlot,
     call: Call,
@@ -355,18 +355,18 @@ def _fail(
     agent_state: str = "idle",
 ) -> None:
     error = messages.encode_error(call.task_id, exc, None if with_traceback else "")
-    cancelled = _finish(runtime, slot, call, error, ran, agent_state)
+    cancelled = finish(runtime, slot, call, error, ran, agent_state)
     with contextlib.suppress(AttributeError):
         setattr(exc, _REPORTED, True)
     if cancelled:
         # Its caller got CallCancelled instead of this error.
         message = f"cancelled while it ran; it ended in {type(exc).__name__}: {exc}"
-        _emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", message)
+        emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", message)
     else:
-        _emit_failed(runtime, slot, call, messages.error_kind(exc), type(exc).__name__, str(exc))
+        emit_failed(runtime, slot, call, messages.error_kind(exc), type(exc).__name__, str(exc))
 
 
-def _emit_failed(runtime: Runtime, slot: AgentSlot, call: Call, kind: str, error_type: str, message: str) -> None:
+def emit_failed(runtime: Runtime, slot: AgentSlot, call: Call, kind: str, error_type: str, message: str) -> None:
     events.emit(
         events.CallFailed(
             runtime.pool.name,
@@ -394,7 +394,7 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool, agent_state: str = "idle") -> bool:
+def finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool, agent_state: str = "idle") -> bool:
     """Send the call's reply (see :func:`~poolq.store.protocol.finish`): whether a cancel replaced it."""
     return protocol.finish(
         runtime.scripts,
