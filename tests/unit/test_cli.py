@@ -69,7 +69,7 @@ def test_map_unordered_prints_each_result_with_its_index(tmp_path: Path, monkeyp
             yield Completed(1, {"n": 2})
             yield Completed(0, InvalidArguments("missing x"))
 
-    monkeypatch.setattr("poolq.cli.Client", Arrivals)
+    monkeypatch.setattr("poolq.cli.calls.Client", Arrivals)
     result = CliRunner().invoke(main, ["map", "p", "-", "--unordered", "--config", str(path)], input="[1]\n[2]\n")
     assert result.exit_code == 0, result.output
     assert [json.loads(line) for line in result.stdout.splitlines()] == [
