@@ -33,6 +33,7 @@ def _node_rss_mb(pid: int) -> float:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(SECONDS + 180)  # the suite's 300 s per test is shorter than a soak
 def test_soak(pools: PoolFactory, ledger: Ledger) -> None:
     pool = pools.start("soak", AGENT, size=3, max_deliveries=10, options={"ledger": str(ledger.path)})
     node = pool.workers[0].pid
