@@ -146,18 +146,26 @@ if cancelled and reply == cancelled then return 2 end
 return 1
 """
 
+# The reply that closes a call nobody runs (KEYS[2] reply list, KEYS[3] result
+# key; ARGV[3], ARGV[4] their ttls): shared by _GIVE_UP and _CANCEL.
+_DELIVER = """
+local function deliver(reply)
+  if KEYS[2] ~= '' then
+    redis.call('RPUSH', KEYS[2], reply)
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+  end
+  if KEYS[3] ~= '' then redis.call('SET', KEYS[3], reply, 'EX', ARGV[4]) end
+end
+"""
+
 # KEYS: claim, reply ('' for none), result ('' for none).  ARGV: claim ttl,
 # the CheckoutTimeout reply, reply ttl, result ttl.  The caller gives up: when
 # no agent holds the call it is marked expired (it will never run) and the
 # reply is written for whoever reads it; returns {''} then, else {owner, attempts}.
-_GIVE_UP = """
+_GIVE_UP = _DELIVER + """
 if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
-  if KEYS[2] ~= '' then
-    redis.call('RPUSH', KEYS[2], ARGV[2])
-    redis.call('EXPIRE', KEYS[2], ARGV[3])
-  end
-  if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[4]) end
+  deliver(ARGV[2])
   return {''}
 end
 return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
@@ -174,7 +182,7 @@ return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1
 #   can poll (Agent.cancelled) and which _FINISH puts in place of the call's
 #   own reply: 'interrupting';
 # - it is over (done, expired, a cast's result kept): 'finished', nothing changes.
-_CANCEL = """
+_CANCEL = _DELIVER + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner == 'cancelled' then return 'withdrawn' end
 if owner == 'done' or owner == 'expired' then return 'finished' end
@@ -183,11 +191,7 @@ if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return 'finished' e
 if not owner then
   redis.call('HSET', KEYS[1], 'owner', 'cancelled')
   redis.call('EXPIRE', KEYS[1], ARGV[1])
-  if KEYS[2] ~= '' then
-    redis.call('RPUSH', KEYS[2], ARGV[2])
-    redis.call('EXPIRE', KEYS[2], ARGV[3])
-  end
-  if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[4]) end
+  deliver(ARGV[2])
   return 'withdrawn'
 end
 redis.call('HSETNX', KEYS[1], 'cancel', ARGV[5])
