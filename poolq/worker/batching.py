@@ -43,16 +43,15 @@ from .. import events
 from ..agent import Agent, BatchSpec, batch_item, batch_results
 from ..errors import (
     AgentUnavailable,
-    CallCancelled,
     CallTimeout,
     CheckoutTimeout,
     InvalidArguments,
     PoolqError,
     UnknownOperation,
 )
-from ..store import messages, protocol
+from ..store import protocol
 from . import limits
-from .runtime import Call, Runtime, admit, current, emit_failed, fail, finish, take_rate_slot
+from .runtime import Call, Runtime, admit, after_raise, answer, current, fail, take_rate_slot
 
 logger = logging.getLogger("poolq.worker")
 
@@ -330,34 +329,12 @@ def _run(runtime: Runtime, slot: Any, op: str, batch: list[Item]) -> None:
         return
     except Exception as exc:
         fail_all(exc, with_traceback=True)
-        if not runtime.host.healthy(slot):
-            runtime.host.recycle(slot, f"health: unhealthy after {type(exc).__name__}")
-        else:
-            runtime.host.after_call(slot)
+        after_raise(runtime, slot, exc)
         return
     for item, result in zip(ready, results, strict=True):
-        _answer(runtime, slot, op, item.call, result)
+        # Each caller gets its own result, or its own error (an Exception instance in its position).
+        if isinstance(result, BaseException):
+            fail(runtime, slot, item.call, result, with_traceback=True, ran=True)
+        else:
+            answer(runtime, slot, item.call, result)
     runtime.host.after_call(slot)
-
-
-def _answer(runtime: Runtime, slot: Any, op: str, call: Call, result: Any) -> None:
-    """Send one caller its own result, or its own error (an Exception instance in its position)."""
-    if isinstance(result, BaseException):
-        fail(runtime, slot, call, result, with_traceback=True, ran=True)
-        return
-    try:
-        reply = messages.encode_result(call.task_id, result)
-    except (TypeError, ValueError, RecursionError) as exc:
-        error = TypeError(f"{op}() returned a value that is not plain JSON: {exc}")
-        fail(runtime, slot, call, error, ran=True)
-        return
-    if finish(runtime, slot, call, reply, ran=True):
-        # Cancelled while its batch ran: its caller got CallCancelled, not this result.
-        emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
-        return
-    events.emit(
-        events.CallSucceeded(
-            runtime.pool.name, op=op, agent=slot.name, task_id=call.task_id,
-            duration_s=time.monotonic() - (call.started or call.received),
-        )
-    )  # fmt: skip

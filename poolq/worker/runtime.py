@@ -299,21 +299,30 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
         raise timeout from None
     except Exception as exc:
         fail(runtime, slot, call, exc, with_traceback=True, ran=True)
-        # An agent that raised stays in service unless its health says otherwise.
-        if not runtime.host.healthy(slot):
-            runtime.host.recycle(slot, f"health: unhealthy after {type(exc).__name__}")
-        else:
-            runtime.host.after_call(slot)
+        after_raise(runtime, slot, exc)
         raise
+    error = answer(runtime, slot, call, result)
+    # Busy agents recycle right after the call that reached a limit, before the
+    # process takes more work (the reply is already on its way).
+    runtime.host.after_call(slot)
+    if error is not None:
+        raise error
+    return served_by
+
+
+def answer(runtime: Runtime, slot: AgentSlot, call: Call, result: Any) -> TypeError | None:
+    """Send the caller what its operation returned, and tell the observers.
+
+    Returns the error sent instead when the result is not plain JSON. A call
+    cancelled while it ran has its CallCancelled sent instead (by the finish).
+    """
     try:
         reply = messages.encode_result(call.task_id, result)
     except (TypeError, ValueError, RecursionError) as exc:
         error = TypeError(f"{call.operation}() returned a value that is not plain JSON: {exc}")
         fail(runtime, slot, call, error, ran=True)
-        runtime.host.after_call(slot)
-        raise error from None
+        return error
     if finish(runtime, slot, call, reply, ran=True):
-        # Cancelled while it ran: its caller got CallCancelled, not this result.
         emit_failed(runtime, slot, call, CallCancelled.kind, "CallCancelled", "cancelled while it ran; it returned")
     else:
         events.emit(
@@ -321,10 +330,15 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
                 runtime.pool.name, op=call.operation, agent=slot.name, task_id=call.task_id, duration_s=_since(call)
             )
         )
-    # Busy agents recycle right after the call that reached a limit, before the
-    # process takes more work (the reply is already on its way).
-    runtime.host.after_call(slot)
-    return served_by
+    return None
+
+
+def after_raise(runtime: Runtime, slot: AgentSlot, exc: Exception) -> None:
+    """An agent whose operation raised stays in service unless its health says otherwise."""
+    if not runtime.host.healthy(slot):
+        runtime.host.recycle(slot, f"health: unhealthy after {type(exc).__name__}")
+    else:
+        runtime.host.after_call(slot)
 
 
 def take_rate_slot(runtime: Runtime, call: Call) -> bool:
