@@ -162,17 +162,14 @@ end
 # the CheckoutTimeout reply, reply ttl, result ttl.  The caller gives up: when
 # no agent holds the call it is marked expired (it will never run) and the
 # reply is written for whoever reads it; returns {''} then, else {owner, attempts}.
-_GIVE_UP = (
-    _DELIVER
-    + """
+_GIVE_UP = _DELIVER + """
 if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   deliver(ARGV[2])
   return {''}
 end
 return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
-"""
-)
+"""  # fmt: skip
 
 
 # KEYS: claim, reply ('' for none), result ('' for none).  ARGV: claim ttl,
@@ -185,9 +182,7 @@ return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1
 #   can poll (Agent.cancelled) and which _FINISH puts in place of the call's
 #   own reply: 'interrupting';
 # - it is over (done, expired, a cast's result kept): 'finished', nothing changes.
-_CANCEL = (
-    _DELIVER
-    + """
+_CANCEL = _DELIVER + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner == 'cancelled' then return 'withdrawn' end
 if owner == 'done' or owner == 'expired' then return 'finished' end
@@ -201,8 +196,7 @@ if not owner then
 end
 redis.call('HSETNX', KEYS[1], 'cancel', ARGV[5])
 return 'interrupting'
-"""
-)
+"""  # fmt: skip
 
 #: What :func:`cancel` says: the call never runs; it runs and is asked to stop
 #: (it ends in CallCancelled whatever it returns); it was over already.
