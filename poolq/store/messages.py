@@ -178,12 +178,14 @@ def read_lease_grant(raw: str) -> tuple[str, str]:
     Raises:
         AgentUnavailable: the agent could not be set up; or the worker's error reply.
     """
-    document = json.loads(raw)
+    document = _lease_message(raw)
     if "ended" in document:
         raise errors.AgentUnavailable(document.get("message", "") or document["ended"])
     if "granted" not in document:
-        result_of(document)  # the worker's error reply: raises it
-    return str(document["granted"]), str(document["name"])
+        if "error" in document:
+            result_of(document)  # the worker's error reply: raises it
+        raise errors.LeaseLost(f"the lease's grant is not one: {raw[:200]!r}")
+    return str(document["granted"]), str(document.get("name", ""))
 
 
 def read_lease_reply(raw: str, seq: int, lease_id: str) -> tuple[bool, Any]:
@@ -192,9 +194,20 @@ def read_lease_reply(raw: str, seq: int, lease_id: str) -> tuple[bool, Any]:
     Raises:
         LeaseLost: the lease ended; the error the reply carries.
     """
-    document = json.loads(raw)
+    document = _lease_message(raw)
     if "ended" in document:
         raise errors.LeaseLost(f"lease {lease_id} ended: {document['ended']}")
     if document.get("seq", seq) != seq:
         return False, None  # a late reply to an earlier call that timed out
     return True, result_of(document)
+
+
+def _lease_message(raw: str) -> dict[str, Any]:
+    """A message of a lease's reply list, parsed; one that is not is a lost lease (typed, not a JSON error)."""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise errors.LeaseLost(f"a lease message that poolq cannot read: {raw[:200]!r}")
+    return document

@@ -124,15 +124,18 @@ return attempts
 # while its heartbeat lives, so a late finish cannot resurrect a record
 # without a TTL.  A call cancelled while it ran (the claim's 'cancel' field,
 # see _CANCEL) gets that CallCancelled reply instead of its own, whatever its
-# outcome: returns 2 then, else 1.
+# outcome: returns 2 then, else 1.  An empty reply sends nothing: a lease
+# answers through its own messages (poolq.worker.lease).
 _FINISH = """
 local reply = ARGV[1]
 local cancelled = redis.call('HGET', KEYS[2], 'cancel')
 if cancelled and reply ~= '' then reply = cancelled end
-redis.call('RPUSH', KEYS[1], reply)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-if KEYS[5] ~= '' then
-  redis.call('SET', KEYS[5], reply, 'EX', ARGV[8])
+if reply ~= '' then
+  redis.call('RPUSH', KEYS[1], reply)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  if KEYS[5] ~= '' then
+    redis.call('SET', KEYS[5], reply, 'EX', ARGV[8])
+  end
 end
 redis.call('HSET', KEYS[2], 'owner', 'done')
 redis.call('EXPIRE', KEYS[2], ARGV[3])

@@ -45,7 +45,9 @@ def serve(runtime: Any, slot: AgentSlot, lease_id: str, ttl: float) -> tuple[str
         while True:
             raw = runtime.scripts.pop(requests, time.monotonic() + ttl)
             if raw is None:
-                break  # the client sent nothing for ttl seconds: it is gone
+                # The client sent nothing for ttl seconds: it is gone, or its next call is told so.
+                _push(state, replies, ttl, messages.lease_ended("expired"))
+                break
             request = messages.LeaseRequest.decode(raw)
             if request.release:
                 ended, broken = "released", request.broken
@@ -156,6 +158,11 @@ def end(runtime: Any, slot: AgentSlot, ended: str, broken: bool) -> None:
     if slot.agent is not None:
         _set_state(runtime.state, slot, "idle", "")
     logger.info("lease of agent %s ended: %s", slot.name, ended)
+
+
+def refuse(runtime: Any, lease_id: str, ttl: float, ended: str) -> None:
+    """Tell the lease's client it ended before this agent served it (its agent died before: ``ended``)."""
+    _push(runtime.state, keys.lease_replies(lease_id), ttl, messages.lease_ended(ended))
 
 
 def _push(state: redis.Redis, key: str, ttl: float, message: str) -> None:

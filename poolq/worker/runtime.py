@@ -163,6 +163,7 @@ def run_call(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
                 # A lease redelivered after its agent died is not served again:
                 # its client has lost that agent's state and hears LeaseLost.
                 if attempt > 1:
+                    lease.refuse(runtime, call.lease, call.lease_ttl, "agent died")
                     finish(runtime, slot, call, "", ran=False)
                     return summary(runtime.pool, call, slot.name, ended="agent died")
                 ended, broken = lease.serve(runtime, slot, call.lease, call.lease_ttl)

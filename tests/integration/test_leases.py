@@ -100,6 +100,19 @@ def test_a_call_timeout_ends_the_lease_and_recycles_the_agent(pool: RunningPool,
     assert [kind for kind, _, _ in events(state, "leased")] == ["teardown", "setup"]
 
 
+def test_a_call_after_the_lease_expired_is_lease_lost(pool: RunningPool) -> None:
+    # Given a lease whose client stays silent past its ttl
+    lease = pool.client.lease("leased", timeout=5, ttl=1).acquire()
+    agent = lease.call()["agent"]
+    pool.wait_for(
+        lambda: all(a.state != "leased" for a in pool.client.status("leased").agents if a.name == agent),
+        timeout=10, what="the lease expired",
+    )  # fmt: skip
+    # When it calls again, Then it hears that the lease ended (a typed error, not an unreadable reply)
+    with pytest.raises(LeaseLost, match="expired"):
+        lease.call(call_timeout=5)
+
+
 def test_a_dead_clients_lease_frees_the_agent_within_its_ttl(pool: RunningPool, state: redis.Redis) -> None:
     ttl = 2.0
     script = (

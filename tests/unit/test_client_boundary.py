@@ -121,3 +121,12 @@ def test_async_client_refuses_the_same(client: Client) -> None:
             aclient.lease("p", timeout="3")  # type: ignore[arg-type]
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("raw", ["", "not json", "[1]", "{}"])
+def test_an_unreadable_lease_message_is_lease_lost(raw: str) -> None:
+    from poolq import LeaseLost
+    from poolq.store import messages
+
+    with pytest.raises(LeaseLost):
+        messages.read_lease_reply(raw, 1, "lease-1") if raw != "{}" else messages.read_lease_grant(raw)
