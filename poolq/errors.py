@@ -63,6 +63,10 @@ class InvalidOption(PoolqError, ValueError):
     """A client option (``timeout``, ``call_timeout``, ``ttl``, ``op``, ``block``) has a bad value."""
 
 
+class BlockingInEventLoop(PoolqError, RuntimeError):
+    """A blocking client method was called inside a running event loop: use its async form."""
+
+
 class UnknownOperation(PoolqError):
     """The agent has no operation of that name."""
 

@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar, overload
 import redis
 import redis.asyncio
 
-from ..errors import BrokerUnavailable, PoolqTimeout
+from ..errors import BlockingInEventLoop, BrokerUnavailable, PoolqTimeout
 from ..store import connection, keys, protocol, ratelimit
 from ..store.status import PoolStatus
 from . import core, mapping
@@ -398,7 +398,7 @@ def run_sync(coroutine_fn: Callable[[AsyncClient], Any], client: Client) -> Any:
     except RuntimeError:
         pass
     else:
-        raise RuntimeError("poolq: inside a running event loop, use the async form (amap, await_quiet)")
+        raise BlockingInEventLoop("inside a running event loop, use the async form (amap, await_quiet)")
     aclient = AsyncClient(client)
 
     async def run() -> Any:

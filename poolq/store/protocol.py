@@ -313,7 +313,7 @@ def revocation(answer: Any) -> Revocation:
     """The answer of the cancel script, checked."""
     said = answer.decode() if isinstance(answer, bytes) else str(answer)
     if said not in ("withdrawn", "interrupting", "finished"):
-        raise ValueError(f"unexpected answer to a cancel: {said!r}")
+        raise errors.PoolqError(f"unexpected answer to a cancel: {said!r} (a poolq version mismatch?)")
     return cast(Revocation, said)
 
 

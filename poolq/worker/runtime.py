@@ -142,10 +142,11 @@ class Call:
             op=header(protocol.HEADER_OP) or None,
             reply_to=header(protocol.HEADER_REPLY) or keys.reply(request.id),
             result=header(protocol.HEADER_RESULT) or "",
-            deadline=float(deadline) if deadline else None,
-            call_timeout=float(call_timeout) if call_timeout else None,
+            # Read leniently: a bad header from another sender must not stop the reply.
+            deadline=_number(deadline) if deadline else None,
+            call_timeout=_number(call_timeout) if call_timeout else None,
             lease=header(protocol.HEADER_LEASE) or None,
-            lease_ttl=float(header(protocol.HEADER_LEASE_TTL) or 0),
+            lease_ttl=_number(header(protocol.HEADER_LEASE_TTL)) or 0.0,
             sent=_number(header(protocol.HEADER_SENT)),
         )
 

@@ -130,3 +130,15 @@ def test_an_unreadable_lease_message_is_lease_lost(raw: str) -> None:
 
     with pytest.raises(LeaseLost):
         messages.read_lease_reply(raw, 1, "lease-1") if raw != "{}" else messages.read_lease_grant(raw)
+
+
+def test_a_blocking_map_inside_an_event_loop_is_a_typed_error(client: Client) -> None:
+    import asyncio
+
+    from poolq import BlockingInEventLoop
+
+    async def inside() -> None:
+        client.map("echo", ["a"])
+
+    with pytest.raises(BlockingInEventLoop, match="async form"):
+        asyncio.run(inside())
