@@ -223,7 +223,6 @@ def _item(message: Any) -> dict[str, Any]:
         "headers": {k: v for k, v in headers.items() if isinstance(k, str) and k.startswith("poolq_")},
         "args": list(args or ()),
         "kwargs": dict(kwargs or {}),
-        "redelivered": bool(message.delivery_info.get("redelivered")),
     }
 
 

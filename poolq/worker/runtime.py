@@ -258,10 +258,7 @@ def _invoke(runtime: Runtime, slot: AgentSlot, call: Call, args: list[Any], kwar
             raise degraded from None
         fail(runtime, slot, call, exc)
         raise
-    except UnknownOperation as exc:
-        fail(runtime, slot, call, exc)
-        raise
-    except InvalidArguments as exc:
+    except (UnknownOperation, InvalidArguments) as exc:
         fail(runtime, slot, call, exc)
         raise
 
