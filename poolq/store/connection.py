@@ -8,11 +8,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from ..config import redact
+
+T = TypeVar("T")
 
 #: Seconds a state Redis socket may stay silent before the client gives up on it.
 SOCKET_TIMEOUT = 10.0
@@ -44,6 +46,23 @@ def connect(url: str) -> redis.Redis:
 
 #: Longest pause, in seconds, between two tries to reach a store that is not up yet.
 WAIT_BACKOFF_MAX = 10.0
+
+
+def retrying(deadline: float | None, fn: Callable[[], T]) -> T:
+    """``fn()``, tried again while the server is unreachable, until ``deadline`` (monotonic; None: once).
+
+    Raises:
+        redis.ConnectionError: still unreachable at the deadline.
+    """
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if deadline is None or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
 
 
 def wait_reachable(client: redis.Redis, url: str, say: Callable[[str], None]) -> None:
@@ -103,21 +122,13 @@ class Scripts:
             self.command("SCRIPT", "LOAD", script)
             return self.command("EVALSHA", sha, len(keys), *keys, *args)
 
-    def run_until(self, deadline: float, script: str, keys: list[str], args: list[Any]) -> Any:
-        """:meth:`run`, tried again while the server is unreachable, until ``deadline`` (monotonic).
+    def run_until(self, deadline: float | None, script: str, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`run`, tried again while the server is unreachable, until ``deadline`` (monotonic; None: once).
 
         Raises:
             redis.ConnectionError: still unreachable at the deadline.
         """
-        delay = 0.05
-        while True:
-            try:
-                return self.run(script, keys, args)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+        return retrying(deadline, lambda: self.run(script, keys, args))
 
     def pop(self, key: str, deadline: float) -> str | None:
         """BLPOP ``key`` until ``deadline`` (monotonic), at most :data:`BLOCK_SLICE` per round trip.

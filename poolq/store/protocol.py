@@ -348,10 +348,7 @@ def finish(
     """
     names = [reply_to or keys.reply(task_id), keys.claim(task_id), keys.agent(agent_id) if agent_id else "", stats_key]
     args = [reply, REPLY_TTL, CLAIM_TTL, now, requests_done, int(ran), agent_state, result_ttl or REPLY_TTL]
-    if retry_until is None:
-        answer = scripts.run(_FINISH, keys=[*names, result], args=args)
-    else:
-        answer = scripts.run_until(retry_until, _FINISH, keys=[*names, result], args=args)
+    answer = scripts.run_until(retry_until, _FINISH, keys=[*names, result], args=args)
     return int(answer) == 2
 
 

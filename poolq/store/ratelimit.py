@@ -115,10 +115,7 @@ def acquire(
     """
     names = [keys.rate_window(pool), keys.stats(pool)]
     args = [rate.calls, repr(window(rate)), member, "" if deadline is None else repr(deadline), int(first)]
-    if retry_until is None:
-        granted, wait = scripts.run(_ACQUIRE, keys=names, args=args)
-    else:
-        granted, wait = scripts.run_until(retry_until, _ACQUIRE, keys=names, args=args)
+    granted, wait = scripts.run_until(retry_until, _ACQUIRE, keys=names, args=args)
     seconds = float(wait)
     if int(granted):
         return Grant(granted=True)

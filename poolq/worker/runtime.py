@@ -210,8 +210,9 @@ def admit(runtime: Runtime, slot: AgentSlot, call: Call) -> int:
         AgentCrashed: it killed its runner ``max_deliveries`` times.
     """
     now = time.time()
-    claim = _retrying(
-        lambda: protocol.claim(runtime.scripts, call.task_id, slot.agent_id, slot.agent_id, now, call.deadline)
+    claim = connection.retrying(
+        time.monotonic() + STATE_RETRY,
+        lambda: protocol.claim(runtime.scripts, call.task_id, slot.agent_id, slot.agent_id, now, call.deadline),
     )
     if claim.run:
         return 1
@@ -424,19 +425,6 @@ def finish(runtime: Runtime, slot: AgentSlot, call: Call, reply: str, ran: bool,
         result_ttl=runtime.config.project.result_expires,
         retry_until=time.monotonic() + STATE_RETRY,
     )
-
-
-def _retrying(fn: Any) -> Any:
-    """``fn()``, tried again while the state Redis is unreachable, up to :data:`STATE_RETRY` seconds."""
-    deadline, delay = time.monotonic() + STATE_RETRY, 0.05
-    while True:
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, connection.RECONNECT_BACKOFF_MAX)
 
 
 def _owner_alive(runtime: Runtime, owner: str) -> bool:
