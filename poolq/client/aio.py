@@ -168,11 +168,10 @@ class AsyncClient:
             if isinstance(effect, Send):
                 return await self._in_thread(self.client.send, effect)
             if isinstance(effect, Inspect):
-                script, count, *names_and_args = protocol.give_up_command(effect.task_id, effect.reply_to)
-                owner, *attempts = await state.eval(script, count, *names_and_args)
-                owner = str(owner or "")
-                alive = owner not in ("", *protocol.CLOSED) and bool(await state.exists(keys.agent(owner)))
-                return protocol.ClaimView(owner, int(attempts[0]) if attempts else 0, alive)
+                script, count, *names_and_args = protocol.give_up_command(
+                    effect.task_id, effect.reply_to, effect.result, self.client.config.project.result_expires
+                )
+                return protocol.claim_view(await state.eval(script, count, *names_and_args))
             if isinstance(effect, ReadPool):
                 return await self._read_pool(state, effect.pool)
             if isinstance(effect, ReadStatus):

@@ -347,11 +347,7 @@ class Client:
 
     def inspect(self, task_id: str, reply_to: str = "", result: str = "") -> protocol.ClaimView:
         """Give the call up unless an agent holds it; the claim as it stands then."""
-        owner, attempts = protocol.give_up(
-            self.scripts, task_id, reply_to=reply_to, result=result, result_ttl=self.config.project.result_expires
-        )
-        alive = owner not in ("", *protocol.CLOSED) and bool(self.scripts.command("EXISTS", keys.agent(owner)))
-        return protocol.ClaimView(owner=owner, attempts=attempts, alive=alive)
+        return protocol.inspect(self.scripts, task_id, reply_to, result, self.config.project.result_expires)
 
     @staticmethod
     @contextmanager

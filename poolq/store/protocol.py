@@ -171,7 +171,8 @@ if redis.call('HSETNX', KEYS[1], 'owner', 'expired') == 1 then
   deliver(ARGV[2])
   return {''}
 end
-return {redis.call('HGET', KEYS[1], 'owner'), tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
+local owner = redis.call('HGET', KEYS[1], 'owner')
+return {owner, tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0'), redis.call('EXISTS', ARGV[5] .. owner)}
 """  # fmt: skip
 
 
@@ -262,8 +263,14 @@ def give_up_command(task_id: str, reply_to: str = "", result: str = "", result_t
     """The EVAL arguments of a caller's give-up (see :func:`give_up`), for any Redis client."""
     expired = errors.CheckoutTimeout(f"no agent took call {task_id} before its deadline; it will not run")
     names = [keys.claim(task_id), reply_to, result]
-    args = [CLAIM_TTL, encode_error(task_id, expired, ""), REPLY_TTL, result_ttl or REPLY_TTL]
+    args = [CLAIM_TTL, encode_error(task_id, expired, ""), REPLY_TTL, result_ttl or REPLY_TTL, keys.AGENT_PREFIX]
     return [_GIVE_UP, len(names), *names, *args]
+
+
+def claim_view(answer: list[Any]) -> ClaimView:
+    """The give-up script's answer, read (the sync and the asyncio client alike)."""
+    owner, attempts, alive = [*answer, 0, 0][:3]
+    return ClaimView(owner=str(owner or ""), attempts=int(attempts or 0), alive=bool(int(alive or 0)))
 
 
 def give_up(
@@ -274,9 +281,14 @@ def give_up(
     When it wins, a :class:`~poolq.errors.CheckoutTimeout` reply goes to
     ``reply_to`` and ``result`` (a cast's result key), if given.
     """
+    view = inspect(scripts, task_id, reply_to, result, result_ttl)
+    return view.owner, view.attempts
+
+
+def inspect(scripts: Scripts, task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0) -> ClaimView:
+    """:func:`give_up`, and whether the agent that holds the call (if one does) is alive, in one round trip."""
     script, count, *rest = give_up_command(task_id, reply_to, result, result_ttl)
-    owner, *attempts = scripts.run(script, keys=rest[:count], args=rest[count:])
-    return str(owner or ""), int(attempts[0]) if attempts else 0
+    return claim_view(scripts.run(script, keys=rest[:count], args=rest[count:]))
 
 
 def cancel_command(task_id: str, reply_to: str = "", result: str = "", result_ttl: int = 0) -> list[Any]:
