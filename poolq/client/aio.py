@@ -93,11 +93,20 @@ class _Mailbox:
                     continue
                 delay = 0.05
                 for raw in batch:
-                    future = self.pending.get(json.loads(raw).get("id", ""))
+                    future = self.pending.get(_reply_id(raw))
                     if future is not None and not future.done():
                         future.set_result(str(raw))
         finally:
             self.reader = None
+
+
+def _reply_id(raw: str) -> str:
+    """The call a mailbox reply answers ('' for one that cannot be read: it wakes nobody, and the reader lives on)."""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return ""
+    return str(document.get("id", "")) if isinstance(document, dict) else ""
 
 
 class AsyncClient:
