@@ -83,15 +83,13 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[...,
 
 def _batcher(node: Any, consumer: Any) -> Any:
     """The node's batch buffers, when its agents have ``@batched`` operations (else None)."""
-    from ..agent import load_agent_class
     from .batching import Batcher
 
-    specs = load_agent_class(node.pool).batched_operations()
-    if not specs:
+    if not node.batched:
         return None
     scaler = node.scaler
     return Batcher(
-        specs, consumer.pool, consumer.timer, tuple(consumer.connection_errors),
+        node.batched, consumer.pool, consumer.timer, tuple(consumer.connection_errors),
         on_finished=scaler.process_finished if scaler is not None else None,
     )  # fmt: skip
 

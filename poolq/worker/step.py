@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -35,7 +35,7 @@ from celery.worker import control as celery_control
 from celery.worker.control import control_command
 
 from .. import events
-from ..agent import load_agent_class
+from ..agent import BatchSpec, load_agent_class
 from ..app import CONTROL_QUEUE, MAINTAIN_TASK
 from ..config import Config, PoolConfig
 from ..errors import ConfigError
@@ -66,6 +66,8 @@ class Node:
     renewal: Renewal | None = None
     #: A prefork node's placement indexes (which GPUs each of its processes gets).
     placements: placement.PlacementBook | None = None
+    #: The agents' ``@batched`` operations, by name (empty: no batching on this node).
+    batched: dict[str, BatchSpec] = field(default_factory=dict)
 
 
 _node: Node | None = None
@@ -129,6 +131,7 @@ class AgentStep(bootsteps.StartStopStep):  # type: ignore[misc]
             hostname=socket.gethostname(),
             retire_requests=RetireRequests() if pool_type == "prefork" else None,
             placements=placement.PlacementBook() if pool_type == "prefork" else None,
+            batched=agent_class.batched_operations(),
         )
 
     def start(self, worker: Any) -> None:
