@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CallTimeout, CheckoutTimeout, LeaseLost, PoolqTimeout
+from ..errors import CallTimeout, CheckoutTimeout, InvalidOption, LeaseLost, PoolqTimeout
 from ..store import connection, keys, messages, protocol
 from . import core, options
 from .core import Alive, Inspect, Pop, Push, Send, Steps
@@ -100,6 +100,12 @@ class LeaseCore:
         if not self._open:
             raise LeaseLost(f"lease {self.id} on {self.pool.name!r} is not open")
         chosen, kwargs = options.split(keywords)
+        ignored = sorted(set(chosen) - {"op", "call_timeout"})
+        if ignored:
+            raise InvalidOption(
+                f"a lease's call takes op and call_timeout, not {', '.join(ignored)} (options of the lease itself); "
+                "pass an agent's own keyword of that name in kwargs={...}"
+            )
         limit = options.seconds("call_timeout", chosen.get("call_timeout"), self.pool.call_timeout)
         assert limit is not None
         op = options.operation(chosen.get("op"))

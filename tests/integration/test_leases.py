@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from poolq import AgentError, CallTimeout, CheckoutTimeout, LeaseLost, PoolExhausted
+from poolq import AgentError, CallTimeout, CheckoutTimeout, InvalidOption, LeaseLost, PoolExhausted
 from poolq.store.registry import HEARTBEAT_TTL
 from poolq.testing import PoolFactory, RunningPool
 from tests.agents import clear, events
@@ -111,6 +111,14 @@ def test_a_call_after_the_lease_expired_is_lease_lost(pool: RunningPool) -> None
     # When it calls again, Then it hears that the lease ended (a typed error, not an unreadable reply)
     with pytest.raises(LeaseLost, match="expired"):
         lease.call(call_timeout=5)
+
+
+def test_a_lease_call_refuses_the_leases_own_options(pool: RunningPool) -> None:
+    with pool.client.lease("leased", timeout=5, ttl=10) as agent:
+        for option in ({"timeout": 3}, {"block": False}):
+            with pytest.raises(InvalidOption, match="a lease's call takes op and call_timeout"):
+                agent.call(**option)
+        assert agent.call(marker="own")["marker"] == "own"  # the lease goes on
 
 
 def test_a_dead_clients_lease_frees_the_agent_within_its_ttl(pool: RunningPool, state: redis.Redis) -> None:
