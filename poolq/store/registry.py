@@ -102,12 +102,21 @@ def publish_node(client: redis.Redis, pool: str, node: str, fields: Mapping[str,
     _publish(client, keys.node(node), keys.pool_nodes(pool), node, fields)
 
 
+# KEYS: the record, its pool's member set.  ARGV: ttl, member, then field/value
+# pairs.  Writing a record is its first heartbeat: stamped with the server's
+# time like every later one, so a process killed before its next beat still
+# shows as lost (not as it was) until its record expires.
+_PUBLISH = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'beat_at', t[1] .. '.' .. string.format('%06d', t[2]), unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+"""
+
+
 def _publish(client: redis.Redis, key: str, members: str, member: str, fields: Mapping[str, Any]) -> None:
-    pipe = client.pipeline(transaction=False)
-    pipe.hset(key, mapping={k: _flat(v) for k, v in fields.items()})
-    pipe.expire(key, int(HEARTBEAT_TTL))
-    pipe.sadd(members, member)
-    pipe.execute()
+    pairs = [item for k, v in fields.items() for item in (k, _flat(v))]
+    client.register_script(_PUBLISH)(keys=[key, members], args=[int(HEARTBEAT_TTL), member, *pairs])
 
 
 def remove(client: redis.Redis, pool: str, agent_id: str) -> None:

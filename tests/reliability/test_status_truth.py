@@ -35,10 +35,16 @@ def test_a_lost_nodes_agents_show_as_lost(pools: PoolFactory, ledger: Ledger) ->
     pool = pools.start("gone", AGENT, size=2, options={"ledger": str(ledger.path)})
     pool.client.cast("gone", "m1", 5.0, op="work")
     pool.wait_for(lambda: ledger.count("start")["m1"] == 1, timeout=10, what="call running")
-    kill_node(pool.workers.pop())
+    worker = pool.workers.pop()
+    agents = {a.id for a in pool.client.status("gone").agents if a.node == worker.node}
+    assert len(agents) == 2  # the node's whole size
+    kill_node(worker)
     killed = time.monotonic()
+    # Every agent the node had is shown, and shown lost (an empty list would not do)
     pool.wait_for(
-        lambda: {a.state for a in pool.client.status("gone").agents} <= {"lost"}, timeout=8, what="agents lost"
+        lambda: {a.id: a.state for a in pool.client.status("gone").agents} == dict.fromkeys(agents, "lost"),
+        timeout=8,
+        what="the node's 2 agents lost",
     )
     status = pool.client.status("gone")
     assert status.in_use == 0 and status.available == 0 and status.state == "degraded"
