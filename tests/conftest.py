@@ -27,8 +27,25 @@ def _reachable(url: str) -> bool:
     return True
 
 
-#: Marks a module or test that needs RabbitMQ: skipped, with the reason printed, where none listens.
-needs_rabbitmq = pytest.mark.skipif(not _reachable(AMQP_URL), reason=f"no RabbitMQ at {AMQP_URL}")
+_RABBITMQ_LISTENS = _reachable(AMQP_URL)
+
+
+@pytest.fixture
+def rabbitmq_listens() -> None:
+    """Skip, with the reason printed, where no RabbitMQ listens; fail instead with ``POOLQ_REQUIRE_RABBITMQ=1``.
+
+    ``.ci/run`` sets that once it saw RabbitMQ's port open: there these tests must run, not skip.
+    """
+    if _RABBITMQ_LISTENS:
+        return
+    reason = f"no RabbitMQ at {AMQP_URL}"
+    if os.environ.get("POOLQ_REQUIRE_RABBITMQ") == "1":
+        pytest.fail(f"POOLQ_REQUIRE_RABBITMQ=1, but {reason}")
+    pytest.skip(reason)
+
+
+#: Marks a module or test that needs RabbitMQ (see :func:`rabbitmq_listens`).
+needs_rabbitmq = pytest.mark.usefixtures("rabbitmq_listens")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

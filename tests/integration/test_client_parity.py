@@ -48,7 +48,13 @@ def _in_loop(client: Client, use: Callable[[AsyncClient], Awaitable[Any]]) -> An
     return asyncio.run(main())
 
 
-def _sync_and_async(client: Client) -> list[tuple[str, Callable[[], Any]]]:
+#: The entry points every case runs through.
+ENTRIES = ["call", "acall", "lease", "alease"]
+
+
+def _entry(client: Client, name: str) -> Callable[[], Any]:
+    """Entry point ``name`` of ``client`` (sync or async), as a plain call to pool ``p``."""
+
     async def alease(aclient: AsyncClient) -> None:
         async with aclient.lease("p", timeout=1):
             pass
@@ -57,46 +63,47 @@ def _sync_and_async(client: Client) -> list[tuple[str, Callable[[], Any]]]:
         with client.lease("p", timeout=1):
             pass
 
-    return [
-        ("call", lambda: client.call("p", timeout=1)),
-        ("acall", lambda: _in_loop(client, lambda aclient: aclient.call("p", timeout=1))),
-        ("lease", sync_lease),
-        ("alease", lambda: _in_loop(client, alease)),
-    ]
+    return {
+        "call": lambda: client.call("p", timeout=1),
+        "acall": lambda: _in_loop(client, lambda aclient: aclient.call("p", timeout=1)),
+        "lease": sync_lease,
+        "alease": lambda: _in_loop(client, alease),
+    }[name]
 
 
-def test_a_closed_pool_refuses_every_entry_point_at_once(client: Client, state: redis.Redis) -> None:
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_closed_pool_refuses_every_entry_point_at_once(client: Client, state: redis.Redis, entry: str) -> None:
     state.hset(keys.stats("p"), "closed", "now")
-    for name, attempt in _sync_and_async(client):
-        client.gate.forget("p")
-        started = time.monotonic()
-        with pytest.raises(PoolClosed):
-            attempt()
-        assert time.monotonic() - started < 0.5, name
+    client.gate.forget("p")
+    started = time.monotonic()
+    with pytest.raises(PoolClosed):
+        _entry(client, entry)()
+    assert time.monotonic() - started < 0.5
 
 
-def test_a_degraded_pool_refuses_every_entry_point_at_once(client: Client, state: redis.Redis) -> None:
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_degraded_pool_refuses_every_entry_point_at_once(client: Client, state: redis.Redis, entry: str) -> None:
     state.hset(
         keys.stats("p"),
         mapping={"breaker": "open", "breaker_until": time.time() + 60, "breaker_error": "boom"},
     )
-    for name, attempt in _sync_and_async(client):
-        client.gate.forget("p")
-        with pytest.raises(PoolDegraded, match="boom"):
-            attempt()
-        assert name
+    client.gate.forget("p")
+    with pytest.raises(PoolDegraded, match="boom"):
+        _entry(client, entry)()
 
 
-def test_a_lost_state_redis_is_broker_unavailable_for_every_entry_point(tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_lost_state_redis_is_broker_unavailable_for_every_entry_point(tmp_path: Path, entry: str) -> None:
     path = tmp_path / "pools.toml"
     path.write_text(render_config("p", {"agent": "tests.agents:Probe"}))
     # Nothing listens on port 9: broker and state Redis are both away
     client = Client(load_config(path, env={"POOLQ_BROKER_URL": "redis://127.0.0.1:9/0"}))
-    for name, attempt in _sync_and_async(client):
+    try:
         client.gate.forget("p")
         with pytest.raises(BrokerUnavailable):
-            attempt()
-        assert name
+            _entry(client, entry)()
+    finally:
+        client.close()
 
 
 def test_acall_never_blocks_its_event_loop_on_redis(client: Client, state: redis.Redis) -> None:
@@ -116,6 +123,10 @@ def test_acall_never_blocks_its_event_loop_on_redis(client: Client, state: redis
 
     redis.Redis.execute_command = recording  # type: ignore[method-assign]
     try:
+        # The patch is in effect: a blocking command of this client's state Redis is recorded
+        client.state.ping()
+        assert loop_threads == {threading.get_ident()}
+        loop_threads.clear()
         loop_thread = _in_loop(client, closed_call)
     finally:
         redis.Redis.execute_command = original  # type: ignore[method-assign]

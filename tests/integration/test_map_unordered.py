@@ -10,23 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from poolq import Arguments, AsyncClient, Completed, InvalidArguments
+from poolq.local.procs import child_preexec, stop_process
 from poolq.testing import PoolFactory, RunningPool
 
 POOL = "unord"
 DONE = f"test:{POOL}:done"
 #: Four calls on four agents, all at once: they finish in the order 1, 3, 2, 0.
 SLEEPS = [2.0, 0.1, 1.0, 0.5]
+#: Seconds the ``poolq map`` command may take to print all its lines and end.
+COMMAND_WAIT = 60.0
 
 
 def _work(marker: str, sleep: float) -> Arguments:
@@ -156,23 +161,57 @@ def test_async_map_unordered(quiet: RunningPool) -> None:
     assert leftover == []  # no call left waiting once the map is closed
 
 
+def _next_line(output: queue.Queue[str | None], deadline: float, stderr: Path) -> str | None:
+    """The command's next line of output (None: its output ended); fail once ``deadline`` (monotonic) passed."""
+    try:
+        return output.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        raise AssertionError(f"poolq map printed no line in time; its stderr:\n{stderr.read_text()}") from None
+
+
 def test_map_command_unordered_prints_each_result_as_it_arrives(
-    quiet: RunningPool, module_pools: PoolFactory, state: redis.Redis
+    quiet: RunningPool, module_pools: PoolFactory, state: redis.Redis, tmp_path: Path
 ) -> None:
     lines = [json.dumps(item.kwargs) for item in _staggered("p")] + ['{"nope": 1}']
     command = [sys.executable, "-m", "poolq", "map", POOL, "-", "--op", "work", "--unordered", "--concurrency", "5"]
-    with subprocess.Popen(
-        command, env=module_pools.environment(quiet), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    ) as process:  # fmt: skip
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.write("\n".join(lines))
-        process.stdin.close()
-        first = json.loads(process.stdout.readline())
+    stderr_path = tmp_path / "map.stderr"
+    output: queue.Queue[str | None] = queue.Queue()
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            command, env=module_pools.environment(quiet), text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+            start_new_session=True, preexec_fn=child_preexec,
+        )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None
+    stdin, stdout = process.stdin, process.stdout
+
+    def read() -> None:  # a thread of its own, so that no read waits past the deadline
+        for line in stdout:
+            output.put(line)
+        output.put(None)
+
+    reader = threading.Thread(target=read, name="poolq-map-stdout", daemon=True)
+    reader.start()
+    deadline = time.monotonic() + COMMAND_WAIT
+    try:
+        stdin.write("\n".join(lines))
+        stdin.close()
+        line = _next_line(output, deadline, stderr_path)
+        assert line is not None, stderr_path.read_text()
+        first = json.loads(line)
         # The first line is out while the slowest call still runs
         assert "p0" not in state.lrange(DONE, 0, -1) and process.poll() is None
-        rest = [json.loads(line) for line in process.stdout.read().splitlines()]
-        assert process.wait(timeout=60) == 0, process.stderr.read() if process.stderr else ""
+        rest = []
+        while (line := _next_line(output, deadline, stderr_path)) is not None:
+            rest.append(json.loads(line))
+        assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, stderr_path.read_text()
+    finally:
+        stop_process(process, timeout=5)  # by pid: SIGTERM, SIGKILL after 5 s; at once gone when it ended
+        with contextlib.suppress(OSError):
+            stdin.close()
+        reader.join(10)  # the pipe closed with the process
+        if not reader.is_alive():
+            stdout.close()
     printed = [first, *rest]
     assert sorted(line["index"] for line in printed) == [0, 1, 2, 3, 4]
     assert [line["index"] for line in printed if "result" in line] == [1, 3, 2, 0]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -20,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from poolq import AgentError, Client, UnknownOperation, load_config
 from poolq.local.embedded import free_port
 from poolq.metrics import METRICS, asgi_app, wsgi_app
-from poolq.testing import PoolFactory, RunningPool
+from poolq.testing import PoolFactory, RunningPool, app_server
 
 AGENT = "tests.agents:Probe"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -59,27 +56,11 @@ def _scrape_until(url: str, what: str, holds: object, timeout: float = 20.0) -> 
 
 @contextlib.contextmanager
 def _exporter(poolq_pools: PoolFactory, pool: RunningPool, tmp_path: Path) -> Iterator[str]:
+    """``poolq metrics`` for ``pool``, answering HTTP; its scrape URL. Stopped by pid on exit."""
     port = free_port()
-    log = (tmp_path / "metrics.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "poolq", "metrics", "--port", str(port)],
-        env=poolq_pools.environment(pool),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/metrics"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        log.close()
+    argv = [sys.executable, "-m", "poolq", "metrics", "--port", str(port)]
+    with app_server(argv, port, poolq_pools.environment(pool), tmp_path / "metrics.log") as url:
+        yield f"{url}/metrics"
 
 
 def _present(samples: Samples, name: str) -> bool:

@@ -9,7 +9,6 @@ broker's password is never printed. Every process is stopped by pid (or process 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -32,6 +31,7 @@ from honcho.environ import parse_procfile
 
 from poolq.local.embedded import free_port, server_binary
 from poolq.local.procs import child_preexec, stop_process
+from tests.cli_helpers import call_until_answered
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = list(parse_procfile((ROOT / "Procfile").read_text()).processes)
@@ -190,17 +190,9 @@ def honcho(project: Path, env: dict[str, str], flower_port: int) -> Iterator[Sta
 
 
 def _call_until_answered(stack: Stack, env: dict[str, str], text: str) -> dict[str, object]:
-    deadline = time.monotonic() + WAIT
-    while True:
-        stack.assert_all_up()
-        done = subprocess.run(
-            [sys.executable, "-m", "poolq", "call", "echo", json.dumps({"text": text}), "--timeout", "2"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if done.returncode == 0:
-            return dict(json.loads(done.stdout))
-        assert time.monotonic() < deadline, f"{done.stderr}\n{stack.log()[-6000:]}"
-        time.sleep(0.5)
+    return call_until_answered(
+        ROOT, env, text, check_up=stack.assert_all_up, log=lambda: stack.log()[-6000:], timeout=WAIT
+    )
 
 
 def _compose_healthcheck(service: str) -> list[str]:
@@ -226,8 +218,8 @@ def test_the_procfile_stays_up_without_the_embed_extra_and_serves_calls(project:
     broker = Broker(project / "broker", free_port(), f"pw-{secrets.token_hex(12)}")
     metrics_port, flower_port = free_port(), free_port()
     env = _env(project, broker.url, metrics_port)
-    broker.start()
     try:
+        broker.start()
         with honcho(project, env, flower_port) as stack:
             started = time.monotonic()
             # A call is answered by the echo pool ...

@@ -247,7 +247,8 @@ def test_the_limit_holds_while_a_node_restarts_mid_run(
 
     def restart() -> None:
         # When one node stops mid-run (warm: its calls finish) and a new one takes its place
-        time.sleep(1.5)
+        pool.wait_for(lambda: len(starts(state, "restarted")) >= 15, timeout=PATIENT, what="15 calls started")
+        assert len(starts(state, "restarted")) < n  # mid-run: calls still to start
         stopped = pool.workers.pop(0)
         assert stopped.stop() == 0
         poolq_pools.add_node(pool, node=stopped.node)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from poolq.local.procs import alive, child_preexec, stop_process
+from tests.cli_helpers import call_until_answered
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,17 +55,13 @@ def _up(project: Path, env: dict[str, str], *args: str) -> Iterator[subprocess.P
 
 
 def _call_until_answered(project: Path, env: dict[str, str], up: subprocess.Popen[bytes]) -> dict[str, object]:
-    deadline = time.monotonic() + 90
-    while True:
-        assert up.poll() is None, (project / "up.log").read_text()
-        done = subprocess.run(
-            [sys.executable, "-m", "poolq", "call", "echo", '{"text": "hi"}', "--timeout", "2"],
-            cwd=project, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if done.returncode == 0:
-            return dict(json.loads(done.stdout))
-        assert time.monotonic() < deadline, f"{done.stderr}\n{(project / 'up.log').read_text()}"
-        time.sleep(0.5)
+    def log() -> str:
+        return (project / "up.log").read_text()
+
+    def check_up() -> None:
+        assert up.poll() is None, log()
+
+    return call_until_answered(project, env, "hi", check_up=check_up, log=log, timeout=90)
 
 
 def test_up_on_a_machine_without_a_broker(project: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from poolq import AsyncClient, InvalidPayload, PoolqError
+from poolq import AgentCrashed, AsyncClient, InvalidPayload, PoolqError
 from poolq.client import options
 from poolq.store import keys, messages, protocol
 from poolq.testing import PoolFactory, RunningPool
@@ -148,6 +148,7 @@ def test_fuzzed_calls_get_a_result_or_a_typed_error(pool: RunningPool, calls: li
             _attempt(pool, aclient, call)
             event("answered")
         except PoolqError as exc:  # a typed error is a fine answer to a bad call
+            assert not isinstance(exc, AgentCrashed), f"a payload killed an agent's process: {call!r}"
             event(f"{type(exc).__name__} {getattr(exc, 'remote_type', '')}".strip())
     # After each batch the node lives and a normal call works
     assert all(w.process.poll() is None for w in pool.workers)

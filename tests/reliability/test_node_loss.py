@@ -43,6 +43,14 @@ def _burst(
     return threads, results, handles
 
 
+def _join(threads: list[threading.Thread], results: dict[str, Any], deadline: float) -> None:
+    """Join the burst's callers by ``deadline`` (monotonic): every one ended, and each left its result."""
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not [thread.name for thread in threads if thread.is_alive()], results
+    assert set(results) == {f"call{i}" for i in range(len(threads))}, results
+
+
 def _exactly_once(ledger: Ledger, markers: list[str]) -> None:
     done = ledger.count("done")
     assert {m: done[m] for m in markers} == dict.fromkeys(markers, 1)
@@ -60,8 +68,7 @@ def test_a_node_killed_mid_burst_loses_nothing(pools: PoolFactory, ledger: Ledge
     back = time.monotonic()
 
     # Then every call and cast completes, exactly once, within the bound
-    for thread in threads:
-        thread.join(RECOVERY_BOUND)
+    _join(threads, results, back + RECOVERY_BOUND)
     casts = [handle.result(timeout=max(1.0, RECOVERY_BOUND - (time.monotonic() - back))) for handle in handles]
     recovery = time.monotonic() - back
     assert all(isinstance(r, dict) for r in results.values()), results
@@ -105,8 +112,7 @@ def test_a_node_stopped_mid_burst_finishes_in_flight_calls_and_leaves_the_rest(
     # Then what it started finished; the rest waits, and a new node runs it: all exactly once
     assert set(ledger.count("start")) == set(ledger.count("done"))
     pools.add_node(pool)
-    for thread in threads:
-        thread.join(30)
+    _join(threads, results, time.monotonic() + 30)
     assert [h.result(timeout=30)["marker"] for h in handles] == [f"cast{i}" for i in range(8)]
     assert all(isinstance(r, dict) for r in results.values()), results
     _exactly_once(ledger, [f"call{i}" for i in range(4)] + [f"cast{i}" for i in range(8)])

@@ -3,7 +3,8 @@
 RabbitMQ hands a consumer's unacknowledged messages to another as soon as its
 connection closes: a killed node's calls run again at once. Skipped, with the
 reason printed, where no RabbitMQ listens on 127.0.0.1:5672 (guest/guest, or
-``POOLQ_TEST_AMQP_URL``); the fixture ``rabbit`` is in tests/conftest.py.
+``POOLQ_TEST_AMQP_URL``), unless ``POOLQ_REQUIRE_RABBITMQ=1`` (as ``.ci/run``
+sets where it listens) makes that fail; the fixture ``rabbit`` is in tests/conftest.py.
 """
 
 from __future__ import annotations
