@@ -83,6 +83,8 @@ class LeaseCore:
                 raise CheckoutTimeout(f"no agent of pool {self.pool.name!r} took the lease within {self.timeout:g}s")
             grant = yield Pop(self.replies, time.monotonic() + connection.BLOCK_SLICE)
         if grant is None:
+            # An agent holds it but was slow to grant: have it give the lease back at once, not after ttl.
+            yield Push(self.requests, messages.LeaseRequest(release=True).encode(), self._list_ttl)
             raise CheckoutTimeout(f"the agent that took the lease on {self.pool.name!r} never answered")
         self.agent_id, self.agent_name = messages.read_lease_grant(grant)
         self._open = True
